@@ -1,0 +1,94 @@
+"""Argument checks of the public functions: clear errors instead of wrong answers."""
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _tensor(name: str, value, ndim: int, dtypes) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(value.shape)}")
+    if value.dtype not in dtypes:
+        allowed = ", ".join(str(d) for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({allowed}), got {value.dtype}")
+
+
+def _same_device(**tensors: torch.Tensor) -> None:
+    (first_name, first), *rest = tensors.items()
+    for name, value in rest:
+        if value.device != first.device:
+            raise ValueError(f"{name} is on {value.device} but {first_name} is on {first.device}")
+
+
+def values_checkable(t: torch.Tensor) -> bool:
+    """Value checks read data back to the host: skip them while compiling or capturing a graph."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def check_expert_ids(top_k_index: torch.Tensor, num_experts: int) -> None:
+    if top_k_index.numel() == 0 or not values_checkable(top_k_index):
+        return
+    lo, hi = torch.aminmax(top_k_index)
+    lo, hi = int(lo), int(hi)
+    if lo < 0 or hi >= num_experts:
+        raise ValueError(f"top_k_index holds expert ids in [{lo}, {hi}], outside [0, {num_experts})")
+
+
+def check_experts_inputs(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights) -> None:
+    """Shapes: hidden_states (T, H), gate_up_proj (E, 2I, H), down_proj (E, H, I),
+    top_k_index (T, K) int, top_k_weights (T, K) float."""
+    _tensor("hidden_states", hidden_states, 2, FLOAT_DTYPES)
+    _tensor("gate_up_proj", gate_up_proj, 3, FLOAT_DTYPES)
+    _tensor("down_proj", down_proj, 3, FLOAT_DTYPES)
+    _tensor("top_k_index", top_k_index, 2, INDEX_DTYPES)
+    _tensor("top_k_weights", top_k_weights, 2, FLOAT_DTYPES)
+    _same_device(
+        hidden_states=hidden_states,
+        gate_up_proj=gate_up_proj,
+        down_proj=down_proj,
+        top_k_index=top_k_index,
+        top_k_weights=top_k_weights,
+    )
+    for name, w in (("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
+        if w.dtype != hidden_states.dtype:
+            raise TypeError(f"{name} has dtype {w.dtype} but hidden_states has {hidden_states.dtype}")
+    num_tokens, hidden = hidden_states.shape
+    num_experts, two_inter, gu_hidden = gate_up_proj.shape
+    if gu_hidden != hidden or two_inter % 2:
+        raise ValueError(
+            f"gate_up_proj must be (E, 2I, H) with H = {hidden}, got shape {tuple(gate_up_proj.shape)}"
+        )
+    if tuple(down_proj.shape) != (num_experts, hidden, two_inter // 2):
+        raise ValueError(
+            f"down_proj must be (E, H, I) = {(num_experts, hidden, two_inter // 2)}, got {tuple(down_proj.shape)}"
+        )
+    if top_k_index.shape[0] != num_tokens:
+        raise ValueError(f"top_k_index must be (T, K) with T = {num_tokens}, got {tuple(top_k_index.shape)}")
+    if top_k_weights.shape != top_k_index.shape:
+        raise ValueError(
+            f"top_k_weights must have the shape of top_k_index {tuple(top_k_index.shape)}, "
+            f"got {tuple(top_k_weights.shape)}"
+        )
+
+
+def check_grouped_gemm_inputs(x, weight, m_sizes) -> None:
+    """Shapes: x (M, K), weight (E, N, K), m_sizes (E,) int summing to M."""
+    _tensor("x", x, 2, FLOAT_DTYPES)
+    _tensor("weight", weight, 3, FLOAT_DTYPES)
+    _tensor("m_sizes", m_sizes, 1, INDEX_DTYPES)
+    _same_device(x=x, weight=weight, m_sizes=m_sizes)
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight has dtype {weight.dtype} but x has {x.dtype}")
+    if weight.shape[2] != x.shape[1]:
+        raise ValueError(f"weight must be (E, N, K) with K = {x.shape[1]}, got {tuple(weight.shape)}")
+    if m_sizes.shape[0] != weight.shape[0]:
+        raise ValueError(f"m_sizes must be (E,) with E = {weight.shape[0]}, got {tuple(m_sizes.shape)}")
+    if m_sizes.numel() and values_checkable(m_sizes):
+        lo, total = int(m_sizes.min()), int(m_sizes.sum())
+        if lo < 0 or total != x.shape[0]:
+            raise ValueError(f"m_sizes must be >= 0 and sum to M = {x.shape[0]}, got min {lo} and sum {total}")
