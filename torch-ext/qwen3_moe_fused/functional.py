@@ -137,8 +137,8 @@ def experts_bwd_op(
     dweights = torch.zeros(num_rows, dtype=torch.float32, device=x.device)
     swiglu_backward_launch(g, h, weights_flat, r, dh, act, dweights, rows_block())
 
-    empty = x.new_empty(0)
-    ddown = dgate_up = dx = empty
+    # Outputs of a custom op may not alias each other: one empty tensor each.
+    dx, dgate_up, ddown = (x.new_empty(0) for _ in range(3))
     if need_ddown:
         ddown = torch.empty(down.shape, dtype=down.dtype, device=down.device)
         grouped_dw_launch(
@@ -184,11 +184,10 @@ def _experts_bwd_torch(grad_out, x, gate_up, down, top_k_index, top_k_weights, r
 
 @experts_bwd_op.register_fake
 def _(grad_out, x, gate_up, down, top_k_index, top_k_weights, h, routing, block_m, need_dx, need_dgate_up, need_ddown):
-    empty = x.new_empty(0)
     return (
-        torch.empty_like(x) if need_dx else empty,
-        torch.empty_like(gate_up) if need_dgate_up else empty,
-        torch.empty_like(down) if need_ddown else empty,
+        torch.empty_like(x) if need_dx else x.new_empty(0),
+        torch.empty_like(gate_up) if need_dgate_up else x.new_empty(0),
+        torch.empty_like(down) if need_ddown else x.new_empty(0),
         torch.empty_like(top_k_weights),
     )
 
@@ -279,17 +278,16 @@ def grouped_gemm_bwd_op(
     grad_out: Tensor, x: Tensor, weight: Tensor, m_sizes: Tensor, need_dx: bool, need_dw: bool
 ) -> tuple[Tensor, Tensor]:
     grad_out = grad_out.to(x.dtype).contiguous()
-    empty = x.new_empty(0)
     if not _use_triton(x):
-        dx = _grouped_gemm_torch(grad_out, weight.transpose(1, 2), m_sizes) if need_dx else empty
+        dx = _grouped_gemm_torch(grad_out, weight.transpose(1, 2), m_sizes) if need_dx else x.new_empty(0)
         dw = torch.zeros_like(weight)
         start = 0
         for e, size in enumerate(m_sizes.tolist()):
             dw[e] = grad_out[start : start + size].T @ x[start : start + size]
             start += size
-        return dx, dw if need_dw else empty
+        return dx, dw if need_dw else x.new_empty(0)
     r = route_from_counts(m_sizes, x.shape[0], block_m_for(x.shape[0], weight.shape[0]), True)
-    dx = dw = empty
+    dx, dw = x.new_empty(0), x.new_empty(0)
     if need_dx:
         dx = x.new_zeros(x.shape)
         grouped_gemm_launch(grad_out, weight, dx, r, gemm_config(r.block_m, swiglu=False), b_is_kn=True)
@@ -301,8 +299,7 @@ def grouped_gemm_bwd_op(
 
 @grouped_gemm_bwd_op.register_fake
 def _(grad_out, x, weight, m_sizes, need_dx, need_dw):
-    empty = x.new_empty(0)
-    return (torch.empty_like(x) if need_dx else empty, torch.empty_like(weight) if need_dw else empty)
+    return (torch.empty_like(x) if need_dx else x.new_empty(0), torch.empty_like(weight) if need_dw else x.new_empty(0))
 
 
 def _grouped_gemm_setup_context(ctx, inputs, output):

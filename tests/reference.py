@@ -1,0 +1,42 @@
+"""float64 references for the kernel tests (independent of the package's code)."""
+
+import torch
+import torch.nn.functional as F
+
+
+def moe_experts_reference(x, gate_up, down, top_k_index, top_k_weights):
+    """Dense float64 evaluation of every expert on every token, then pick the top-k rows.
+
+    x (T, H), gate_up (E, 2I, H), down (E, H, I), top_k_index (T, K), top_k_weights (T, K).
+    """
+    x, gate_up, down, top_k_weights = (t.double() for t in (x, gate_up, down, top_k_weights))
+    gate, up = torch.einsum("th,eoh->teo", x, gate_up).chunk(2, dim=-1)
+    y = torch.einsum("tei,ehi->teh", F.silu(gate) * up, down)  # (T, E, H)
+    picked = y.gather(1, top_k_index.long()[..., None].expand(-1, -1, x.shape[1]))  # (T, K, H)
+    return (picked * top_k_weights[..., None]).sum(1)
+
+
+def grouped_gemm_reference(x, weight, m_sizes):
+    x, weight = x.double(), weight.double()
+    expert = torch.repeat_interleave(torch.arange(weight.shape[0]), m_sizes.long().cpu()).to(x.device)
+    return torch.einsum("mk,mnk->mn", x, weight[expert])
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def random_routing(num_tokens, num_experts, top_k, mode="random", device="cpu", generator=None):
+    """top-k ids (T, K) and normalized weights (T, K) float32 from random router logits.
+
+    mode: "random", "one" (every token's first choice is expert 0), "skip" (odd experts get no tokens).
+    """
+    logits = torch.randn(num_tokens, num_experts, generator=generator).to(device)
+    if mode == "one":
+        logits[:, 0] += 100.0
+    if mode == "skip":
+        logits[:, 1::2] = -1e9
+    probs = logits.softmax(-1)
+    weights, ids = probs.topk(top_k, dim=-1)
+    return ids, weights / weights.sum(-1, keepdim=True)

@@ -1,0 +1,135 @@
+import pytest
+import torch
+
+from reference import moe_experts_reference, random_routing, rel_err
+
+TOL = {torch.float32: 1e-5, torch.float16: 3e-3}
+
+SHAPES = [
+    # (T, H, I, E, K, routing mode)
+    (37, 48, 40, 8, 3, "random"),
+    (50, 32, 24, 8, 2, "skip"),  # experts with zero tokens
+    (33, 40, 16, 6, 2, "one"),  # every token on expert 0
+    (1, 64, 32, 4, 2, "random"),
+]
+
+
+def _inputs(num_tokens, hidden, inter, num_experts, top_k, mode, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_tokens, hidden, generator=g).to(dtype)
+    gate_up = (torch.randn(num_experts, 2 * inter, hidden, generator=g) * hidden**-0.5).to(dtype)
+    down = (torch.randn(num_experts, hidden, inter, generator=g) * inter**-0.5).to(dtype)
+    ids, weights = random_routing(num_tokens, num_experts, top_k, mode, generator=g)
+    return x, gate_up, down, ids, weights.to(dtype)
+
+
+def _check_forward_backward(fn, inputs, dtype):
+    x, gate_up, down, ids, weights = inputs
+    ours = [t.clone().requires_grad_() for t in (x, gate_up, down, weights)]
+    ref = [t.detach().double().requires_grad_() for t in (x, gate_up, down, weights)]
+    out = fn(ours[0], ours[1], ours[2], ids, ours[3])
+    expected = moe_experts_reference(ref[0], ref[1], ref[2], ids, ref[3])
+    assert out.dtype == dtype and out.shape == x.shape
+    assert rel_err(out, expected) < TOL[dtype]
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    expected.backward(grad_out.double())
+    for name, a, b in zip(("hidden_states", "gate_up_proj", "down_proj", "top_k_weights"), ours, ref):
+        assert a.grad is not None and a.grad.dtype == dtype, name
+        assert rel_err(a.grad, b.grad) < TOL[dtype], name
+    return ours
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_moe_experts_forward(kernel, dtype, shape):
+    inputs = _inputs(*shape, dtype=dtype)
+    ours = _check_forward_backward(kernel.moe_experts_forward, inputs, dtype)
+    # Experts that received no tokens get an exact zero gradient.
+    ids, num_experts = inputs[3], inputs[1].shape[0]
+    for e in sorted(set(range(num_experts)) - set(ids.flatten().tolist())):
+        assert torch.all(ours[1].grad[e] == 0) and torch.all(ours[2].grad[e] == 0)
+
+
+def test_pytorch_path_matches_reference(kernel, monkeypatch):
+    """Tensors on devices without Triton take the PyTorch path over the same routing."""
+    monkeypatch.setattr(kernel.functional, "_use_triton", lambda t: False)
+    for shape in SHAPES:
+        _check_forward_backward(kernel.moe_experts_forward, _inputs(*shape, dtype=torch.float32), torch.float32)
+
+
+def test_empty_batch(kernel):
+    x, gate_up, down, ids, weights = _inputs(0, 32, 16, 4, 2, "random", torch.float32)
+    x.requires_grad_()
+    out = kernel.moe_experts_forward(x, gate_up, down, ids, weights)
+    assert out.shape == (0, 32)
+    out.sum().backward()
+    assert x.grad.shape == (0, 32)
+
+
+def test_inference_saves_nothing_and_matches(kernel):
+    inputs = _inputs(37, 48, 40, 8, 3, "random", torch.float32)
+    with torch.no_grad():
+        out = kernel.moe_experts_forward(*inputs)
+    assert rel_err(out, moe_experts_reference(*inputs)) < TOL[torch.float32]
+    with torch.inference_mode():
+        assert torch.equal(kernel.moe_experts_forward(*inputs), out)
+
+
+def test_deterministic(kernel):
+    inputs = _inputs(37, 48, 40, 8, 3, "random", torch.float16)
+    runs = []
+    for _ in range(2):
+        leaves = [t.clone().requires_grad_() for t in (inputs[0], inputs[1], inputs[2], inputs[4])]
+        out = kernel.moe_experts_forward(leaves[0], leaves[1], leaves[2], inputs[3], leaves[3])
+        out.backward(torch.ones_like(out))
+        runs.append([out] + [t.grad for t in leaves])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_only_needed_gradients(kernel):
+    """Frozen weights (LoRA / QLoRA) get no gradient; the input still does."""
+    x, gate_up, down, ids, weights = _inputs(37, 48, 40, 8, 3, "random", torch.float32)
+    x.requires_grad_()
+    out = kernel.moe_experts_forward(x, gate_up, down, ids, weights)
+    out.backward(torch.ones_like(out))
+    ref = x.detach().double().requires_grad_()
+    moe_experts_reference(ref, gate_up, down, ids, weights).backward(torch.ones_like(out).double())
+    assert gate_up.grad is None and down.grad is None
+    assert rel_err(x.grad, ref.grad) < TOL[torch.float32]
+
+
+def test_sentinel_ids_contribute_zero(kernel):
+    """experts_forward treats ids outside [0, E) as expert-parallel sentinels, like Transformers."""
+    from transformers import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+
+    x, gate_up, down, ids, weights = _inputs(20, 32, 16, 4, 2, "random", torch.float32)
+    experts = Qwen3MoeExperts(Qwen3MoeConfig(hidden_size=32, moe_intermediate_size=16, num_experts=4))
+    experts.gate_up_proj.data.copy_(gate_up)
+    experts.down_proj.data.copy_(down)
+    ids = ids.clone()
+    ids[::3, 1] = 4  # sentinel
+    out = kernel.experts_forward(experts, x, ids, weights)
+    keep = ids < 4
+    expected = moe_experts_reference(x, gate_up, down, ids.clamp(max=3), weights * keep)
+    assert rel_err(out, expected) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_experts_forward_matches_transformers_eager(kernel, dtype):
+    from transformers import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+
+    x, gate_up, down, ids, weights = _inputs(29, 48, 24, 6, 2, "random", dtype)
+    config = Qwen3MoeConfig(hidden_size=48, moe_intermediate_size=24, num_experts=6)
+    config._experts_implementation = "eager"
+    experts = Qwen3MoeExperts(config).to(dtype)
+    experts.gate_up_proj.data.copy_(gate_up)
+    experts.down_proj.data.copy_(down)
+    expected = experts(x, ids, weights)
+    out = kernel.experts_forward(experts, x, ids, weights)
+    assert out.dtype == dtype
+    assert rel_err(out, expected) < TOL[dtype] * (1 if dtype == torch.float32 else 2)
