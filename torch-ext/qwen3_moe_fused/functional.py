@@ -87,12 +87,12 @@ def experts_fwd_op(
     act = x.new_empty(num_rows, inter)
     h = x.new_empty(num_rows, 2 * inter) if save_h else x.new_empty(0)
     grouped_gemm_launch(
-        x, gate_up, act, r, gemm_config(block_m, swiglu=True),
+        x, gate_up, act, r, gemm_config("gate_up", inter, hidden, block_m, x.device),
         gather=r.sorted_token, swiglu=True, h_out=h if save_h else None,
     )  # fmt: skip
     rows = x.new_empty(num_rows, hidden)
     grouped_gemm_launch(
-        act, down, rows, r, gemm_config(block_m, swiglu=False),
+        act, down, rows, r, gemm_config("down", hidden, inter, block_m, x.device),
         scatter=r.sort_idx, row_scale=weights_flat,
     )  # fmt: skip
     out = x.new_empty(num_tokens, hidden)
@@ -128,9 +128,10 @@ def experts_bwd_op(
     if not _use_triton(x):
         return _experts_bwd_torch(grad_out, x, gate_up, down, top_k_index, top_k_weights, r)
     num_rows, inter = top_k_index.numel(), down.shape[2]
-    cfg = gemm_config(block_m, swiglu=False)
+    hidden = x.shape[1]
     # g = dOut[token] @ down[e]: the gradient of each row's unweighted expert output.
     g = x.new_empty(num_rows, inter)
+    cfg = gemm_config("down_dx", inter, hidden, block_m, x.device)
     grouped_gemm_launch(grad_out, down, g, r, cfg, b_is_kn=True, gather=r.sorted_token)
     dh = x.new_empty(num_rows, 2 * inter)
     act = x.new_empty(num_rows, inter)
@@ -142,14 +143,16 @@ def experts_bwd_op(
     if need_ddown:
         ddown = torch.empty(down.shape, dtype=down.dtype, device=down.device)
         grouped_dw_launch(
-            grad_out, act, ddown, r, dw_config(),
+            grad_out, act, ddown, r, dw_config("down_dw", hidden, inter, block_m, x.device),
             a_gather=r.sorted_token, row_scale=weights_flat, scale_index=r.sort_idx,
         )  # fmt: skip
     if need_dgate_up:
         dgate_up = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=gate_up.device)
-        grouped_dw_launch(dh, x, dgate_up, r, dw_config(), b_gather=r.sorted_token)
+        cfg = dw_config("gate_up_dw", 2 * inter, hidden, block_m, x.device)
+        grouped_dw_launch(dh, x, dgate_up, r, cfg, b_gather=r.sorted_token)
     if need_dx:
-        rows = x.new_empty(num_rows, x.shape[1])
+        rows = x.new_empty(num_rows, hidden)
+        cfg = gemm_config("gate_up_dx", hidden, 2 * inter, block_m, x.device)
         grouped_gemm_launch(dh, gate_up, rows, r, cfg, b_is_kn=True, scatter=r.sort_idx)
         dx = torch.empty_like(x)
         combine_launch(rows, top_k_index, gate_up.shape[0], dx)
@@ -265,7 +268,8 @@ def grouped_gemm_op(x: Tensor, weight: Tensor, m_sizes: Tensor) -> Tensor:
         return _grouped_gemm_torch(x, weight, m_sizes)
     r = route_from_counts(m_sizes, x.shape[0], block_m_for(x.shape[0], weight.shape[0]), True)
     out = x.new_zeros(x.shape[0], weight.shape[1])  # rows past sum(m_sizes) stay zero
-    return grouped_gemm_launch(x, weight, out, r, gemm_config(r.block_m, swiglu=False))
+    cfg = gemm_config("plain", weight.shape[1], x.shape[1], r.block_m, x.device)
+    return grouped_gemm_launch(x, weight, out, r, cfg)
 
 
 @grouped_gemm_op.register_fake
@@ -290,10 +294,12 @@ def grouped_gemm_bwd_op(
     dx, dw = x.new_empty(0), x.new_empty(0)
     if need_dx:
         dx = x.new_zeros(x.shape)
-        grouped_gemm_launch(grad_out, weight, dx, r, gemm_config(r.block_m, swiglu=False), b_is_kn=True)
+        cfg = gemm_config("plain_dx", x.shape[1], weight.shape[1], r.block_m, x.device)
+        grouped_gemm_launch(grad_out, weight, dx, r, cfg, b_is_kn=True)
     if need_dw:
         dw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
-        grouped_dw_launch(grad_out, x, dw, r, dw_config())
+        cfg = dw_config("plain_dw", weight.shape[1], weight.shape[2], r.block_m, x.device)
+        grouped_dw_launch(grad_out, x, dw, r, cfg)
     return dx, dw
 
 

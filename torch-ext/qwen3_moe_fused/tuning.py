@@ -1,8 +1,49 @@
-"""Tile configurations for the grouped GEMMs: heuristic defaults by rows per expert."""
+"""Tile configurations of the grouped GEMMs.
 
+Tuned configs ship as JSON in configs/<device name>.json (written by scripts/tune.py),
+keyed by GEMM kind, problem shape and row tile; anything not found there falls back to
+the heuristics below, so a first call never autotunes.
+
+GEMM kinds (routed GEMMs, grouped_gemm/forward.py, key "<kind>|N=..|K=..|BM=.."):
+    gate_up      x[token] @ gate_up[e]^T with SwiGLU         (N = I, K = H)
+    down         act @ down[e]^T, weighted scatter            (N = H, K = I)
+    down_dx      dOut[token] @ down[e]                        (N = I, K = H)
+    gate_up_dx   dh @ gate_up[e], scatter                     (N = H, K = 2I)
+    plain / plain_dx   grouped_gemm() and its dX
+Weight-gradient kinds (grouped_gemm/backward_dw.py, key "<kind>|M=..|N=..|BM=.."):
+    gate_up_dw (M = 2I, N = H), down_dw (M = H, N = I), plain_dw
+"""
+
+import functools
+import json
 import os
+import re
+
+import torch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
+
+
+def device_key(device_name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'NVIDIA_H100_80GB_HBM3' (the config file's name)."""
+    return re.sub(r"[^A-Za-z0-9]+", "_", device_name).strip("_")
+
+
+@functools.lru_cache(maxsize=None)
+def _shipped_configs(device_index: int) -> dict:
+    name = device_key(torch.cuda.get_device_name(device_index))
+    path = os.path.join(CONFIG_DIR, f"{name}.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def _lookup(device: torch.device, key: str):
+    if INTERPRET or device.type != "cuda":
+        return None
+    return _shipped_configs(device.index if device.index is not None else torch.cuda.current_device()).get(key)
 
 
 def block_m_for(num_rows: int, num_experts: int) -> int:
@@ -16,23 +57,37 @@ def block_m_for(num_rows: int, num_experts: int) -> int:
     return 128
 
 
-def gemm_config(block_m: int, swiglu: bool) -> dict:
-    """Config of the routed GEMM (grouped_gemm/forward.py) for a given row tile."""
+def default_gemm_config(kind: str, block_m: int) -> dict:
     if INTERPRET:
         return dict(BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
     # SwiGLU keeps two accumulators: halve the column tile to keep registers in budget.
-    block_n = 64 if swiglu and block_m >= 64 else 128
-    if block_m <= 32:
-        block_n = 64
+    block_n = 64 if (kind == "gate_up" and block_m >= 64) or block_m <= 32 else 128
     num_warps = 8 if block_m * block_n >= 128 * 128 else 4
     return dict(BLOCK_N=block_n, BLOCK_K=64, GROUP_M=8, num_warps=num_warps, num_stages=3)
 
 
-def dw_config() -> dict:
-    """Config of the weight-gradient GEMM (grouped_gemm/backward_dw.py)."""
+def default_dw_config() -> dict:
     if INTERPRET:
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=1)
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3)
+
+
+def gemm_key(kind: str, n: int, k: int, block_m: int) -> str:
+    return f"{kind}|N={n}|K={k}|BM={block_m}"
+
+
+def dw_key(kind: str, m: int, n: int, block_m: int) -> str:
+    return f"{kind}|M={m}|N={n}|BM={block_m}"
+
+
+def gemm_config(kind: str, n: int, k: int, block_m: int, device: torch.device) -> dict:
+    """Config of a routed GEMM (grouped_gemm/forward.py)."""
+    return _lookup(device, gemm_key(kind, n, k, block_m)) or default_gemm_config(kind, block_m)
+
+
+def dw_config(kind: str, m: int, n: int, block_m: int, device: torch.device) -> dict:
+    """Config of a weight-gradient GEMM (grouped_gemm/backward_dw.py); block_m tracks rows per expert."""
+    return _lookup(device, dw_key(kind, m, n, block_m)) or default_dw_config()
 
 
 def rows_block() -> int:

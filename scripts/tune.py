@@ -1,0 +1,133 @@
+"""Tune the grouped GEMM tile configs on this GPU and write configs/<device>.json.
+
+Run on a CUDA machine after `python3 scripts/build.py` (it imports build/torch-cuda):
+    python3 scripts/tune.py [--quick]
+Each GEMM kind of the MoE block is timed (triton.testing.do_bench, median) over a small
+candidate list for the Qwen3-30B-A3B and Qwen3-235B-A22B shapes, at a training and a
+decode token count; the fastest config of each key is merged into
+torch-ext/qwen3_moe_fused/configs/<device>.json.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import triton
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "build", "torch-cuda"))
+import qwen3_moe_fused as qmf  # noqa: E402
+from qwen3_moe_fused import tuning  # noqa: E402
+from qwen3_moe_fused.grouped_gemm import grouped_dw_launch, grouped_gemm_launch  # noqa: E402
+
+SHAPES = {"qwen3-30b-a3b": (2048, 768), "qwen3-235b-a22b": (4096, 1536)}  # (H, I)
+NUM_EXPERTS, TOP_K = 128, 8
+
+
+def gemm_candidates(block_m: int, swiglu: bool):
+    if block_m <= 32:
+        tiles = [(32, 64, 4, 4), (64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 4, 3), (32, 128, 4, 4), (64, 256, 4, 2)]
+    else:
+        tiles = [(64, 64, 4, 4), (64, 64, 8, 4), (128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 8, 4), (64, 128, 8, 3),
+                 (128, 64, 4, 3), (256, 64, 8, 3), (128, 128, 8, 3), (64, 64, 8, 5)]  # fmt: skip
+    for block_n, block_k, warps, stages in tiles:
+        smem = stages * (block_m * block_k + block_k * block_n * (2 if swiglu else 1)) * 2
+        if smem <= 200 * 1024 and not (swiglu and block_n > 128):
+            yield dict(BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=warps, num_stages=stages)
+
+
+def dw_candidates():
+    for bm, bn, bk, warps, stages in [(128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4),
+                                      (64, 128, 64, 4, 4), (128, 256, 32, 8, 3), (128, 128, 32, 4, 4), (64, 64, 64, 4, 4)]:  # fmt: skip
+        yield dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+
+
+def best(name, launch, candidates, log):
+    results = []
+    for cfg in candidates:
+        try:
+            launch(cfg)
+            ms = triton.testing.do_bench(lambda: launch(cfg), warmup=10, rep=40, return_mode="median")
+        except Exception as e:  # out of resources for this tile
+            log.write(f"{name} {cfg} failed: {type(e).__name__}\n")
+            continue
+        results.append((ms, cfg))
+        log.write(f"{name} {cfg} {ms:.4f} ms\n")
+    ms, cfg = min(results, key=lambda r: r[0])
+    print(f"{name:48s} {ms:8.4f} ms  {cfg}", flush=True)
+    return cfg
+
+
+def tune_shape(hidden, inter, num_tokens, configs, log):
+    dev = torch.device("cuda")
+    x = torch.randn(num_tokens, hidden, device=dev, dtype=torch.bfloat16)
+    gate_up = torch.randn(NUM_EXPERTS, 2 * inter, hidden, device=dev, dtype=torch.bfloat16) * hidden**-0.5
+    down = torch.randn(NUM_EXPERTS, hidden, inter, device=dev, dtype=torch.bfloat16) * inter**-0.5
+    weights, ids = torch.randn(num_tokens, NUM_EXPERTS, device=dev).softmax(-1).topk(TOP_K, -1)
+    weights = weights.to(torch.bfloat16)
+    num_rows = ids.numel()
+    block_m = tuning.block_m_for(num_rows, NUM_EXPERTS)
+    r = qmf.route(ids, NUM_EXPERTS, block_m, True)
+    act = torch.empty(num_rows, inter, device=dev, dtype=torch.bfloat16)
+    h = torch.empty(num_rows, 2 * inter, device=dev, dtype=torch.bfloat16)
+    rows = torch.empty(num_rows, hidden, device=dev, dtype=torch.bfloat16)
+    dh = torch.randn(num_rows, 2 * inter, device=dev, dtype=torch.bfloat16)
+    grad_out = torch.randn_like(x)
+    flat_w = weights.reshape(-1)
+    routed = {
+        "gate_up": (inter, hidden, True, lambda c: grouped_gemm_launch(
+            x, gate_up, act, r, c, gather=r.sorted_token, swiglu=True, h_out=h)),
+        "down": (hidden, inter, False, lambda c: grouped_gemm_launch(
+            act, down, rows, r, c, scatter=r.sort_idx, row_scale=flat_w)),
+        "down_dx": (inter, hidden, False, lambda c: grouped_gemm_launch(
+            grad_out, down, act, r, c, b_is_kn=True, gather=r.sorted_token)),
+        "gate_up_dx": (hidden, 2 * inter, False, lambda c: grouped_gemm_launch(
+            dh, gate_up, rows, r, c, b_is_kn=True, scatter=r.sort_idx)),
+    }  # fmt: skip
+    for kind, (n, k, swiglu, launch) in routed.items():
+        key = tuning.gemm_key(kind, n, k, block_m)
+        configs[key] = best(f"{key} T={num_tokens}", launch, gemm_candidates(block_m, swiglu), log)
+    if block_m <= 32:  # decode: no backward
+        return
+    d_down, d_gate_up = torch.empty_like(down), torch.empty_like(gate_up)
+    dws = {
+        "down_dw": (hidden, inter, lambda c: grouped_dw_launch(
+            grad_out, act, d_down, r, c, a_gather=r.sorted_token, row_scale=flat_w, scale_index=r.sort_idx)),
+        "gate_up_dw": (2 * inter, hidden, lambda c: grouped_dw_launch(dh, x, d_gate_up, r, c, b_gather=r.sorted_token)),
+    }  # fmt: skip
+    for kind, (m, n, launch) in dws.items():
+        key = tuning.dw_key(kind, m, n, block_m)
+        configs[key] = best(f"{key} T={num_tokens}", launch, dw_candidates(), log)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="only the 30B-A3B shape")
+    parser.add_argument("--log", default=os.path.join(os.environ.get("OUT", "/tmp"), "tune.log"))
+    args = parser.parse_args()
+    name = tuning.device_key(torch.cuda.get_device_name())
+    path = os.path.join(ROOT, "torch-ext", "qwen3_moe_fused", "configs", f"{name}.json")
+    configs = json.load(open(path)) if os.path.exists(path) else {}
+    start = time.time()
+    with open(args.log, "w") as log:
+        for shape, (hidden, inter) in SHAPES.items():
+            if args.quick and shape != "qwen3-30b-a3b":
+                continue
+            for num_tokens in (16384 if hidden == 2048 else 8192, 16):
+                tune_shape(hidden, inter, num_tokens, configs, log)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(dict(sorted(configs.items())), f, indent=1)
+        f.write("\n")
+    if os.environ.get("OUT"):  # the device tool brings back files under $OUT
+        with open(os.path.join(os.environ["OUT"], f"{name}.json"), "w") as f:
+            json.dump(dict(sorted(configs.items())), f, indent=1)
+            f.write("\n")
+    print(f"wrote {path} ({len(configs)} configs) in {time.time() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
