@@ -133,3 +133,15 @@ def test_experts_forward_matches_transformers_eager(kernel, dtype):
     out = kernel.experts_forward(experts, x, ids, weights)
     assert out.dtype == dtype
     assert rel_err(out, expected) < TOL[dtype] * (1 if dtype == torch.float32 else 2)
+
+
+def test_unchecked_out_of_range_ids_contribute_zero(kernel):
+    """check_ids=False (no host sync) never reads out of bounds: such ids count as zero."""
+    x, gate_up, down, ids, weights = _inputs(20, 32, 16, 4, 2, "random", torch.float32)
+    ids = ids.clone()
+    ids[::2, 0] = 7
+    ids[1::4, 1] = -3
+    out = kernel.moe_experts_forward(x, gate_up, down, ids, weights, check_ids=False)
+    keep = (ids >= 0) & (ids < 4)
+    expected = moe_experts_reference(x, gate_up, down, ids.clamp(0, 3), weights * keep)
+    assert rel_err(out, expected) < TOL[torch.float32]

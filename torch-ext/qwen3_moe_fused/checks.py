@@ -34,7 +34,7 @@ def check_expert_ids(top_k_index: torch.Tensor, num_experts: int) -> None:
     if top_k_index.numel() == 0 or not values_checkable(top_k_index):
         return
     lo, hi = torch.aminmax(top_k_index)
-    lo, hi = int(lo), int(hi)
+    lo, hi = torch.stack([lo, hi]).tolist()  # one synchronization
     if lo < 0 or hi >= num_experts:
         raise ValueError(f"top_k_index holds expert ids in [{lo}, {hi}], outside [0, {num_experts})")
 

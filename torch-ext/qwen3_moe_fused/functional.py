@@ -237,16 +237,27 @@ def moe_experts(x, gate_up, down, top_k_index, top_k_weights) -> Tensor:
 
 
 def moe_experts_forward(
-    hidden_states: Tensor, gate_up_proj: Tensor, down_proj: Tensor, top_k_index: Tensor, top_k_weights: Tensor
+    hidden_states: Tensor,
+    gate_up_proj: Tensor,
+    down_proj: Tensor,
+    top_k_index: Tensor,
+    top_k_weights: Tensor,
+    *,
+    check_ids: bool = True,
 ) -> Tensor:
     """Qwen3 MoE experts: sum_k w[t, k] * down[e] @ (silu(gate[e] @ x[t]) * (up[e] @ x[t])), e = top_k_index[t, k].
 
     hidden_states (T, H), gate_up_proj (E, 2I, H) with gate rows first, down_proj (E, H, I),
     top_k_index (T, K) int, top_k_weights (T, K). Returns (T, H); differentiable in all
     floating inputs.
+
+    check_ids reads the ids back to the host to reject ids outside [0, E) with a
+    ValueError (one device synchronization; skipped while compiling or capturing a CUDA
+    graph). With check_ids=False nothing synchronizes and such ids contribute zero.
     """
     check_experts_inputs(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights)
-    check_expert_ids(top_k_index, gate_up_proj.shape[0])
+    if check_ids:
+        check_expert_ids(top_k_index, gate_up_proj.shape[0])
     return moe_experts(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights)
 
 

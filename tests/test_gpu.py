@@ -1,0 +1,130 @@
+"""GPU tests (bf16, the Qwen3-30B-A3B block shape). Run on a CUDA machine: make test-gpu."""
+
+import pytest
+import torch
+
+from reference import moe_experts_reference, random_routing, rel_err
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+QWEN3_30B = dict(hidden=2048, inter=768, num_experts=128, top_k=8)
+
+
+def _inputs(num_tokens, hidden, inter, num_experts, top_k, mode="random", dtype=torch.bfloat16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_tokens, hidden, generator=g)
+    gate_up = torch.randn(num_experts, 2 * inter, hidden, generator=g) * hidden**-0.5
+    down = torch.randn(num_experts, hidden, inter, generator=g) * inter**-0.5
+    ids, weights = random_routing(num_tokens, num_experts, top_k, mode, generator=g)
+    return [t.cuda() for t in (x.to(dtype), gate_up.to(dtype), down.to(dtype), ids, weights.to(dtype))]
+
+
+def _transformers_experts(impl, gate_up, down):
+    from transformers import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+
+    num_experts, two_inter, hidden = gate_up.shape
+    config = Qwen3MoeConfig(hidden_size=hidden, moe_intermediate_size=two_inter // 2, num_experts=num_experts)
+    config._experts_implementation = impl
+    experts = Qwen3MoeExperts(config).to(device=gate_up.device, dtype=gate_up.dtype)
+    experts.gate_up_proj.data.copy_(gate_up)
+    experts.down_proj.data.copy_(down)
+    return experts
+
+
+def _grads(fn, x, gate_up, down, ids, weights, grad_out):
+    leaves = [t.detach().clone().requires_grad_() for t in (x, gate_up, down, weights)]
+    out = fn(leaves[0], leaves[1], leaves[2], ids, leaves[3])
+    out.backward(grad_out.to(out.dtype))
+    return [out] + [t.grad for t in leaves]
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("num_tokens,mode", [(2048, "random"), (1, "random"), (512, "one"), (777, "skip")])
+def test_block_bf16_vs_float64_and_grouped_mm(kernel, num_tokens, mode):
+    x, gate_up, down, ids, weights = _inputs(num_tokens, **QWEN3_30B, mode=mode)
+    grad_out = torch.randn_like(x)
+    ours = _grads(kernel.moe_experts_forward, x, gate_up, down, ids, weights, grad_out)
+    ref = _grads(moe_experts_reference, x, gate_up, down, ids, weights, grad_out)
+    with torch.no_grad():
+        grouped_mm = _transformers_experts("grouped_mm", gate_up, down)(x, ids, weights)
+        eager = _transformers_experts("eager", gate_up, down)(x, ids, weights)
+    err_ours, err_grouped_mm = rel_err(ours[0], ref[0]), rel_err(grouped_mm, ref[0])
+    print(f"\nT={num_tokens} {mode}: forward rel err vs float64: ours {err_ours:.2e}, grouped_mm {err_grouped_mm:.2e}; "
+          f"vs eager bf16: ours {rel_err(ours[0], eager):.2e}, grouped_mm {rel_err(grouped_mm, eager):.2e}; "
+          "grads (x, gate_up, down, weights) " + " ".join(f"{rel_err(a, b):.2e}" for a, b in zip(ours[1:], ref[1:])))
+    assert err_ours <= 1.05 * err_grouped_mm
+    assert rel_err(ours[0], eager) <= 1.05 * rel_err(grouped_mm, eager) + 1e-3
+    for name, a, b in zip(("x", "gate_up", "down", "weights"), ours[1:], ref[1:]):
+        assert rel_err(a, b) < 8e-3, name
+
+
+def test_odd_shapes_bf16(kernel):
+    x, gate_up, down, ids, weights = _inputs(333, hidden=1000, inter=350, num_experts=60, top_k=6)
+    grad_out = torch.randn_like(x)
+    ours = _grads(kernel.moe_experts_forward, x, gate_up, down, ids, weights, grad_out)
+    ref = _grads(moe_experts_reference, x, gate_up, down, ids, weights, grad_out)
+    for a, b in zip(ours, ref):
+        assert rel_err(a, b) < 8e-3
+
+
+def test_empty_batch_cuda(kernel):
+    x, gate_up, down, ids, weights = _inputs(0, 64, 32, 4, 2)
+    assert kernel.moe_experts_forward(x, gate_up, down, ids, weights).shape == (0, 64)
+
+
+def test_no_int32_overflow(kernel):
+    """T * K * H > 2**31: row offsets must be 64-bit."""
+    num_tokens = 131072
+    x, gate_up, down, ids, weights = _inputs(num_tokens, **QWEN3_30B)
+    assert num_tokens * QWEN3_30B["top_k"] * QWEN3_30B["hidden"] > 2**31
+    with torch.no_grad():
+        out = kernel.moe_experts_forward(x, gate_up, down, ids, weights)
+    sample = torch.cat([torch.arange(8), torch.randint(0, num_tokens, (56,)), torch.arange(num_tokens - 8, num_tokens)]).cuda()
+    expected = moe_experts_reference(x[sample], gate_up, down, ids[sample], weights[sample])
+    assert rel_err(out[sample], expected) < 8e-3
+
+
+def test_torch_compile_fullgraph(kernel):
+    x, gate_up, down, ids, weights = _inputs(256, **QWEN3_30B)
+    grad_out = torch.randn_like(x)
+    compiled = torch.compile(kernel.moe_experts_forward, fullgraph=True)  # check_ids is skipped while compiling
+    eager = _grads(kernel.moe_experts_forward, x, gate_up, down, ids, weights, grad_out)
+    traced = _grads(compiled, x, gate_up, down, ids, weights, grad_out)
+    for a, b in zip(traced, eager):
+        assert torch.equal(a, b)
+
+
+def test_cuda_graph_replay(kernel):
+    """Forward + backward have no host synchronization: they capture in a CUDA graph."""
+    x, gate_up, down, ids, weights = _inputs(512, **QWEN3_30B)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, gate_up, down, weights)]
+    grad_out = torch.randn_like(x)
+
+    def step():
+        for t in leaves:
+            t.grad = None
+        out = kernel.moe_experts_forward(leaves[0], leaves[1], leaves[2], ids, leaves[3])
+        out.backward(grad_out)
+        return out
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    # Replay on new data: results must follow the inputs.
+    x2, gate_up2, down2, ids2, weights2 = _inputs(512, **QWEN3_30B, seed=1)
+    for leaf, new in zip(leaves, (x2, gate_up2, down2, weights2)):
+        leaf.data.copy_(new)
+    ids.copy_(ids2)
+    graph.replay()
+    torch.cuda.synchronize()
+    expected = _grads(kernel.moe_experts_forward, x2, gate_up2, down2, ids2, weights2, grad_out)
+    assert torch.equal(out, expected[0])
+    for leaf, g in zip(leaves, expected[1:]):
+        assert torch.equal(leaf.grad, g)
