@@ -95,7 +95,7 @@ def tune_shape(hidden, inter, num_tokens, configs, log):
     d_down, d_gate_up = torch.empty_like(down), torch.empty_like(gate_up)
     dws = {
         "down_dw": (hidden, inter, lambda c: grouped_dw_launch(
-            grad_out, act, d_down, r, c, a_gather=r.sorted_token, row_scale=flat_w, scale_index=r.sort_idx)),
+            grad_out, act, d_down, r, c, a_gather=r.sorted_token)),
         "gate_up_dw": (2 * inter, hidden, lambda c: grouped_dw_launch(dh, x, d_gate_up, r, c, b_gather=r.sorted_token)),
     }  # fmt: skip
     for kind, (m, n, launch) in dws.items():

@@ -3,7 +3,7 @@
 Given g = dOut[token] @ W_down[e] (the gradient of the unweighted expert output with
 respect to the activation), the saved pre-activation h = (gate, up) and the routing
 weight w of each row:
-    act     = silu(gate) * up                 (recomputed, feeds dW_down)
+    w_act   = w * silu(gate) * up             (recomputed and weighted: dW_down = dOut^T w_act)
     d_w     = sum_i g * act                   (routing-weight gradient)
     d_gate  = w * g * up * silu'(gate)
     d_up    = w * g * silu(gate)
@@ -24,7 +24,7 @@ def _swiglu_backward_kernel(
     sort_idx_ptr,  # (sorted rows,)
     expert_offsets_ptr,  # (E + 1,)
     dh_ptr,  # (sorted rows, 2I)
-    act_ptr,  # (sorted rows, I)
+    w_act_ptr,  # (sorted rows, I)
     dweights_ptr,  # (T * K,) float32, zero where never written
     num_experts,
     I,
@@ -56,7 +56,8 @@ def _swiglu_backward_kernel(
         dh_row = dh_ptr + rows64[:, None] * (2 * I) + cols[None, :]
         tl.store(dh_row, d_gate.to(dh_ptr.dtype.element_ty), mask=mask)
         tl.store(dh_row + I, d_up.to(dh_ptr.dtype.element_ty), mask=mask)
-        tl.store(act_ptr + rows64[:, None] * I + cols[None, :], act.to(act_ptr.dtype.element_ty), mask=mask)
+        w_act = act * w[:, None]
+        tl.store(w_act_ptr + rows64[:, None] * I + cols[None, :], w_act.to(w_act_ptr.dtype.element_ty), mask=mask)
     tl.store(dweights_ptr + flat, d_w, mask=row_mask)
 
 
@@ -66,11 +67,11 @@ def swiglu_backward_launch(
     weights_flat: torch.Tensor,
     routing: Routing,
     dh: torch.Tensor,
-    act: torch.Tensor,
+    w_act: torch.Tensor,
     dweights: torch.Tensor,
     block_r: int,
 ) -> None:
-    """Fill dh (rows, 2I), act (rows, I) and dweights (T * K,) from g (rows, I), h (rows, 2I)."""
+    """Fill dh (rows, 2I), w_act (rows, I) and dweights (T * K,) from g (rows, I), h (rows, 2I)."""
     num_rows, inter = g.shape
     if num_rows == 0 or inter == 0:
         return
@@ -82,7 +83,7 @@ def swiglu_backward_launch(
         routing.sort_idx,
         routing.expert_offsets,
         dh,
-        act,
+        w_act,
         dweights,
         routing.expert_offsets.numel() - 1,
         inter,

@@ -134,18 +134,16 @@ def experts_bwd_op(
     cfg = gemm_config("down_dx", inter, hidden, block_m, x.device)
     grouped_gemm_launch(grad_out, down, g, r, cfg, b_is_kn=True, gather=r.sorted_token)
     dh = x.new_empty(num_rows, 2 * inter)
-    act = x.new_empty(num_rows, inter)
+    w_act = x.new_empty(num_rows, inter)
     dweights = torch.zeros(num_rows, dtype=torch.float32, device=x.device)
-    swiglu_backward_launch(g, h, weights_flat, r, dh, act, dweights, rows_block())
+    swiglu_backward_launch(g, h, weights_flat, r, dh, w_act, dweights, rows_block())
 
     # Outputs of a custom op may not alias each other: one empty tensor each.
     dx, dgate_up, ddown = (x.new_empty(0) for _ in range(3))
     if need_ddown:
         ddown = torch.empty(down.shape, dtype=down.dtype, device=down.device)
-        grouped_dw_launch(
-            grad_out, act, ddown, r, dw_config("down_dw", hidden, inter, block_m, x.device),
-            a_gather=r.sorted_token, row_scale=weights_flat, scale_index=r.sort_idx,
-        )  # fmt: skip
+        cfg = dw_config("down_dw", hidden, inter, block_m, x.device)
+        grouped_dw_launch(grad_out, w_act, ddown, r, cfg, a_gather=r.sorted_token)
     if need_dgate_up:
         dgate_up = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=gate_up.device)
         cfg = dw_config("gate_up_dw", 2 * inter, hidden, block_m, x.device)

@@ -1,7 +1,7 @@
 """Weight gradient of a grouped GEMM: dW[e] = sum over rows r of expert e of A[r]^T B[r].
 
-A rows and B rows may be gathered through an index, and A rows scaled (the routing
-weight of the down projection). Experts with no rows get an exact zero gradient.
+A rows and B rows may be gathered through an index. Experts with no rows get an exact
+zero gradient.
 """
 
 import torch
@@ -18,8 +18,6 @@ def _grouped_dw_kernel(
     c_ptr,  # (E, M, N)
     a_gather_ptr,  # (sorted rows,)
     b_gather_ptr,  # (sorted rows,)
-    scale_ptr,  # multiplier of sorted row r is scale[scale_index[r]]
-    scale_index_ptr,
     expert_offsets_ptr,
     M,
     N,
@@ -32,7 +30,6 @@ def _grouped_dw_kernel(
     stride_cn,
     A_GATHER: tl.constexpr,
     B_GATHER: tl.constexpr,
-    ROW_SCALE: tl.constexpr,
     IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -67,10 +64,6 @@ def _grouped_dw_kernel(
             mask=m_mask[:, None] & r_mask[None, :],
             other=0.0,
         )  # (BLOCK_M, BLOCK_K): A^T
-        if ROW_SCALE:
-            scale_rows = tl.load(scale_index_ptr + rows, mask=r_mask, other=0)
-            scale = tl.load(scale_ptr + scale_rows, mask=r_mask, other=0.0).to(tl.float32)
-            a = (a.to(tl.float32) * scale[None, :]).to(a_ptr.dtype.element_ty)
         b = tl.load(
             b_ptr + b_rows[:, None] * stride_br + offs_n[None, :] * stride_bn,
             mask=r_mask[:, None] & n_mask[None, :],
@@ -94,10 +87,8 @@ def grouped_dw_launch(
     *,
     a_gather: torch.Tensor | None = None,
     b_gather: torch.Tensor | None = None,
-    row_scale: torch.Tensor | None = None,
-    scale_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """out[e] (M, N) = sum_r A[a_gather[r]]^T (scaled) B[b_gather[r]] over expert e's sorted rows.
+    """out[e] (M, N) = sum_r A[a_gather[r]]^T B[b_gather[r]] over expert e's sorted rows.
 
     a: (rows of A, M), b: (rows of B, N), out: (E, M, N); out may be a strided view
     (the dW of a weight stored as (E, N, M) is written through its transpose).
@@ -114,8 +105,6 @@ def grouped_dw_launch(
         out,
         a_gather if a_gather is not None else dummy,
         b_gather if b_gather is not None else dummy,
-        row_scale if row_scale is not None else a,
-        scale_index if scale_index is not None else dummy,
         routing.expert_offsets,
         m,
         n,
@@ -128,7 +117,6 @@ def grouped_dw_launch(
         out.stride(2),
         A_GATHER=a_gather is not None,
         B_GATHER=b_gather is not None,
-        ROW_SCALE=row_scale is not None,
         IEEE=a.dtype == torch.float32,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
