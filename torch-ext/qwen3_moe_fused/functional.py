@@ -137,6 +137,7 @@ def experts_bwd_op(
     w_act = x.new_empty(num_rows, inter)
     dweights = torch.zeros(num_rows, dtype=torch.float32, device=x.device)
     swiglu_backward_launch(g, h, weights_flat, r, dh, w_act, dweights, rows_block())
+    del g  # free row buffers as soon as they are consumed: lower peak memory
 
     # Outputs of a custom op may not alias each other: one empty tensor each.
     dx, dgate_up, ddown = (x.new_empty(0) for _ in range(3))
@@ -144,6 +145,7 @@ def experts_bwd_op(
         ddown = torch.empty(down.shape, dtype=down.dtype, device=down.device)
         cfg = dw_config("down_dw", hidden, inter, block_m, x.device)
         grouped_dw_launch(grad_out, w_act, ddown, r, cfg, a_gather=r.sorted_token)
+    del w_act
     if need_dgate_up:
         dgate_up = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=gate_up.device)
         cfg = dw_config("gate_up_dw", 2 * inter, hidden, block_m, x.device)
