@@ -54,7 +54,8 @@ def test_block_bf16_vs_float64_and_grouped_mm(kernel, num_tokens, mode):
           f"vs eager bf16: ours {rel_err(ours[0], eager):.2e}, grouped_mm {rel_err(grouped_mm, eager):.2e}; "
           "grads (x, gate_up, down, weights) " + " ".join(f"{rel_err(a, b):.2e}" for a, b in zip(ours[1:], ref[1:])))
     assert err_ours <= 1.05 * err_grouped_mm
-    assert rel_err(ours[0], eager) <= 1.05 * rel_err(grouped_mm, eager) + 1e-3
+    # grouped_mm can equal eager bit for bit (all tokens on one expert): then compare with its usual 4e-3.
+    assert rel_err(ours[0], eager) <= max(1.05 * rel_err(grouped_mm, eager), 4.5e-3)
     for name, a, b in zip(("x", "gate_up", "down", "weights"), ours[1:], ref[1:]):
         assert rel_err(a, b) < 8e-3, name
 
@@ -75,7 +76,7 @@ def test_empty_batch_cuda(kernel):
 
 def test_no_int32_overflow(kernel):
     """T * K * H > 2**31: row offsets must be 64-bit."""
-    num_tokens = 131072
+    num_tokens = 140000
     x, gate_up, down, ids, weights = _inputs(num_tokens, **QWEN3_30B)
     assert num_tokens * QWEN3_30B["top_k"] * QWEN3_30B["hidden"] > 2**31
     with torch.no_grad():

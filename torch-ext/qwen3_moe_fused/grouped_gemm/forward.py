@@ -104,18 +104,23 @@ def _grouped_gemm_kernel(
 
     mask = row_mask[:, None] & n_mask[None, :]
     if SWIGLU:
+        # Round gate and up to the output dtype as the eager loop does; backward reads these values.
+        acc = acc.to(c_ptr.dtype.element_ty).to(tl.float32)
+        acc_up = acc_up.to(c_ptr.dtype.element_ty).to(tl.float32)
         if SAVE_H:
             h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_hm + offs_n[None, :]
             tl.store(h_ptrs, acc.to(h_ptr.dtype.element_ty), mask=mask)
             tl.store(h_ptrs + N, acc_up.to(h_ptr.dtype.element_ty), mask=mask)
-        acc = acc * tl.sigmoid(acc) * acc_up
+        silu = (acc * tl.sigmoid(acc)).to(c_ptr.dtype.element_ty).to(tl.float32)
+        acc = silu * acc_up
     if SCATTER:
         c_rows = tl.load(scatter_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     else:
         c_rows = rows.to(tl.int64)
     if ROW_SCALE:
+        # The expert output is rounded before its routing weight is applied, as in the eager loop.
         scale = tl.load(scale_ptr + c_rows, mask=row_mask, other=0.0).to(tl.float32)
-        acc = acc * scale[:, None]
+        acc = acc.to(c_ptr.dtype.element_ty).to(tl.float32) * scale[:, None]
     c_ptrs = c_ptr + c_rows[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
