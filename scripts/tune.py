@@ -29,20 +29,26 @@ NUM_EXPERTS, TOP_K = 128, 8
 
 def gemm_candidates(block_m: int, swiglu: bool):
     if block_m <= 32:
-        tiles = [(32, 64, 4, 4), (64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 4, 3), (32, 128, 4, 4), (64, 256, 4, 2)]
+        tiles = [(32, 64, 4, 4), (64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 4, 3), (32, 128, 4, 4),
+                 (64, 256, 4, 2), (128, 128, 4, 3), (32, 256, 4, 3)]  # fmt: skip
     else:
         tiles = [(64, 64, 4, 4), (64, 64, 8, 4), (128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 8, 4), (64, 128, 8, 3),
-                 (128, 64, 4, 3), (256, 64, 8, 3), (128, 128, 8, 3), (64, 64, 8, 5)]  # fmt: skip
+                 (128, 64, 4, 3), (256, 64, 8, 3), (128, 128, 8, 3), (64, 64, 8, 5), (256, 32, 8, 4), (256, 64, 8, 4),
+                 (128, 64, 8, 5), (128, 128, 8, 4)]  # fmt: skip
     for block_n, block_k, warps, stages in tiles:
         smem = stages * (block_m * block_k + block_k * block_n * (2 if swiglu else 1)) * 2
-        if smem <= 200 * 1024 and not (swiglu and block_n > 128):
+        if smem <= 220 * 1024 and not (swiglu and block_n > 128):
             yield dict(BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=warps, num_stages=stages)
 
 
 def dw_candidates():
     for bm, bn, bk, warps, stages in [(128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4),
-                                      (64, 128, 64, 4, 4), (128, 256, 32, 8, 3), (128, 128, 32, 4, 4), (64, 64, 64, 4, 4)]:  # fmt: skip
-        yield dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+                                      (64, 128, 64, 4, 4), (128, 256, 32, 8, 3), (128, 128, 32, 4, 4), (64, 64, 64, 4, 4),
+                                      (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (256, 128, 32, 8, 4), (128, 128, 32, 8, 5),
+                                      (128, 128, 64, 4, 3), (128, 256, 32, 8, 4)]:  # fmt: skip
+        smem = stages * (bm + bn) * bk * 2
+        if smem <= 220 * 1024:
+            yield dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
 
 
 def best(name, launch, candidates, log):
