@@ -26,23 +26,6 @@ def _routing(tensors: list[Tensor], block_m: int) -> Routing:
     return Routing(*tensors, block_m)
 
 
-# ---------------------------------------------------------------- routing op
-
-
-@torch.library.custom_op(add_op_namespace_prefix("route"), mutates_args=())
-def route_op(top_k_index: Tensor, num_experts: int, block_m: int) -> list[Tensor]:
-    """(T, K) expert ids -> [sort_idx, sorted_token, expert_offsets, tile_expert, tile_row_start]."""
-    return list(route(top_k_index, num_experts, block_m, _use_triton(top_k_index))[:5])
-
-
-@route_op.register_fake
-def _(top_k_index, num_experts, block_m):
-    num_rows = top_k_index.numel()
-    n_tiles = max_tiles(num_rows, num_experts, block_m)
-    new = lambda n: top_k_index.new_empty(n, dtype=torch.int32)  # noqa: E731
-    return [new(num_rows), new(num_rows), new(num_experts + 1), new(n_tiles), new(n_tiles)]
-
-
 # ---------------------------------------------------------------- experts forward / backward
 
 
@@ -72,16 +55,17 @@ def experts_fwd_op(
     down: Tensor,
     top_k_index: Tensor,
     top_k_weights: Tensor,
-    routing: list[Tensor],
     block_m: int,
     save_h: bool,
-) -> tuple[Tensor, Tensor]:
-    """-> out (T, H) and, when save_h, the pre-activation h (T*K, 2I) in sorted order."""
-    r = _routing(routing, block_m)
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> out (T, H); the pre-activation h (T*K, 2I) in sorted order when save_h (else empty);
+    the routing (sort_idx, sorted_token, expert_offsets, tile_expert, tile_row_start) that
+    the backward reuses."""
+    r = route(top_k_index, gate_up.shape[0], block_m, _use_triton(x))
     weights_flat = top_k_weights.reshape(-1)
     if not _use_triton(x):
         out, h = _experts_torch(x, gate_up, down, top_k_index, weights_flat, r, save_h)
-        return out, h
+        return out, h, *r[:5]
     num_tokens, hidden = x.shape
     num_rows, inter = top_k_index.numel(), down.shape[2]
     act = x.new_empty(num_rows, inter)
@@ -97,13 +81,16 @@ def experts_fwd_op(
     )  # fmt: skip
     out = x.new_empty(num_tokens, hidden)
     combine_launch(rows, top_k_index, gate_up.shape[0], out)
-    return out, h
+    return out, h, *r[:5]
 
 
 @experts_fwd_op.register_fake
-def _(x, gate_up, down, top_k_index, top_k_weights, routing, block_m, save_h):
-    h = x.new_empty(top_k_index.numel(), gate_up.shape[1]) if save_h else x.new_empty(0)
-    return torch.empty_like(x), h
+def _(x, gate_up, down, top_k_index, top_k_weights, block_m, save_h):
+    num_rows, num_experts = top_k_index.numel(), gate_up.shape[0]
+    h = x.new_empty(num_rows, gate_up.shape[1]) if save_h else x.new_empty(0)
+    n_tiles = max_tiles(num_rows, num_experts, block_m)
+    index = [x.new_empty(n, dtype=torch.int32) for n in (num_rows, num_rows, num_experts + 1, n_tiles, n_tiles)]
+    return torch.empty_like(x), h, *index
 
 
 @torch.library.custom_op(add_op_namespace_prefix("experts_bwd"), mutates_args=())
@@ -196,12 +183,14 @@ def _(grad_out, x, gate_up, down, top_k_index, top_k_weights, h, routing, block_
 
 
 def _experts_setup_context(ctx, inputs, output):
-    x, gate_up, down, top_k_index, top_k_weights, routing, block_m, save_h = inputs
-    ctx.save_for_backward(x, gate_up, down, top_k_index, top_k_weights, output[1], *routing)
+    x, gate_up, down, top_k_index, top_k_weights, block_m, save_h = inputs
+    out, h, *routing = output
+    ctx.mark_non_differentiable(h, *routing)
+    ctx.save_for_backward(x, gate_up, down, top_k_index, top_k_weights, h, *routing)
     ctx.block_m = block_m
 
 
-def _experts_backward(ctx, grad_out, grad_h):
+def _experts_backward(ctx, grad_out, *unused_grads):
     x, gate_up, down, top_k_index, top_k_weights, h, *routing = ctx.saved_tensors
     need = ctx.needs_input_grad
     if h.numel() == 0 and top_k_index.numel() > 0 and _use_triton(x):
@@ -215,7 +204,6 @@ def _experts_backward(ctx, grad_out, grad_h):
         ddown if need[2] else None,
         None,
         dweights if need[4] else None,
-        [None] * len(routing),
         None,
         None,
     )
@@ -230,10 +218,8 @@ def moe_experts(x, gate_up, down, top_k_index, top_k_weights) -> Tensor:
     block_m = block_m_for(top_k_index.numel(), num_experts)
     top_k_index = top_k_index.contiguous()
     top_k_weights = top_k_weights.contiguous()
-    routing = route_op(top_k_index, num_experts, block_m)
     save_h = torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate_up, down, top_k_weights))
-    out, _ = experts_fwd_op(x.contiguous(), gate_up, down, top_k_index, top_k_weights, routing, block_m, save_h)
-    return out
+    return experts_fwd_op(x.contiguous(), gate_up, down, top_k_index, top_k_weights, block_m, save_h)[0]
 
 
 def moe_experts_forward(
