@@ -69,6 +69,8 @@ CASES: dict[str, tuple[MoEShape, int]] = {
     "30b-a3b-t4096": (QWEN3_30B_A3B, 4096),
     "30b-a3b-t16384": (QWEN3_30B_A3B, 16384),
     "235b-a22b-t8192": (QWEN3_235B_A22B, 8192),
+    # decode sizes and the sweep that benchmarks/plot.py draws
+    **{f"30b-a3b-t{t}": (QWEN3_30B_A3B, t) for t in (1, 16, 64, 1024, 8192, 32768)},
     # --quick (smoke test) cases
     "tiny-t16": (TINY, 16),
     "tiny-t64": (TINY, 64),
