@@ -45,9 +45,64 @@ def test_route(kernel, use_triton, num_tokens, num_experts, top_k, mode, block_m
     _check_routing(r, ids, num_experts)
 
 
-def test_route_out_of_range_ids_are_never_routed(kernel):
+@pytest.mark.parametrize("use_triton", [True, False])
+def test_route_out_of_range_ids_are_never_routed(kernel, use_triton):
     ids = torch.tensor([[0, 4], [-1, 2], [2, 9]])
-    r = kernel.route(ids, 4, 16, True)
+    r = kernel.route(ids, 4, 16, use_triton)
+    # Ids outside [0, E) sort after offsets[E], in flat order, and no tile covers them.
+    assert r.expert_offsets.tolist() == [0, 1, 1, 3, 3]
+    assert r.sort_idx.tolist() == [0, 3, 4, 1, 2, 5]
+    assert r.sorted_token.tolist() == [0, 1, 2, 0, 1, 2]
+    assert r.tile_expert.tolist() == [0, 2, -1, -1, -1]
+    assert r.tile_row_start.tolist() == [0, 1, 0, 0, 0]
+
+
+def _assert_same_routing(a, b):
+    for name in ("sort_idx", "sorted_token", "expert_offsets", "tile_expert", "tile_row_start"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.dtype == y.dtype == torch.int32, name
+        assert torch.equal(x, y), name
+
+
+@pytest.mark.parametrize(
+    "num_tokens,num_experts,top_k,block_m,low,high",
+    [
+        (375, 128, 8, 16, 0, 128),  # 3000 rows: three row blocks of the Triton kernels
+        (300, 6, 2, 16, 0, 6),  # E not a power of two
+        (200, 60, 4, 32, 0, 60),
+        (150, 512, 8, 16, 0, 512),  # 512 experts: 1200 rows, most experts with 0-5 rows
+        (700, 6, 2, 16, -2, 9),  # 1400 rows, out-of-range ids in both blocks
+        (0, 60, 8, 16, 0, 60),
+        (1, 3, 1, 16, 0, 3),
+    ],
+)
+def test_route_triton_matches_torch(kernel, num_tokens, num_experts, top_k, block_m, low, high):
+    g = torch.Generator().manual_seed(num_tokens + num_experts)
+    ids = torch.randint(low, high, (num_tokens, top_k), generator=g)
+    r = kernel.route(ids, num_experts, block_m, True)
+    _assert_same_routing(r, kernel.route(ids, num_experts, block_m, False))
+    assert r.tile_expert.numel() == (ids.numel() + block_m - 1) // block_m + num_experts
+    if low >= 0 and high <= num_experts:
+        _check_routing(r, ids, num_experts)
+    # Same result for int32 ids.
+    _assert_same_routing(r, kernel.route(ids.int(), num_experts, block_m, True))
+
+
+@pytest.mark.parametrize(
+    "m_sizes,num_rows",
+    [
+        ([3, 0, 17, 1, 0, 2], 23),
+        ([0, 0, 0], 0),
+        ([5, -3, 100, 2], 20),  # unchecked sizes: clamped to [0, num_rows], offsets to num_rows
+        ([2**40, 3, 1], 8),
+    ],
+)
+def test_route_from_counts_triton_matches_torch(kernel, m_sizes, num_rows):
+    route_from_counts = kernel.routing.route_from_counts
+    m_sizes = torch.tensor(m_sizes)
+    r = route_from_counts(m_sizes, num_rows, 4, True)
+    _assert_same_routing(r, route_from_counts(m_sizes, num_rows, 4, False))
+    if m_sizes.max() < 2**31:  # same result for int32 sizes
+        _assert_same_routing(r, route_from_counts(m_sizes.int(), num_rows, 4, True))
     offsets = r.expert_offsets.tolist()
-    routed = r.sort_idx[offsets[0] : offsets[-1]].tolist()
-    assert sorted(routed) == [0, 3, 4]  # positions of ids 0, 2, 2
+    assert offsets[0] == 0 and offsets[-1] <= num_rows and offsets == sorted(offsets)
