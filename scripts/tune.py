@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "build", "torch-cuda"))
 import qwen3_moe_fused as qmf  # noqa: E402
 from qwen3_moe_fused import tuning  # noqa: E402
-from qwen3_moe_fused.grouped_gemm import SwigluGrad, grouped_dw_launch, grouped_gemm_launch  # noqa: E402
+from qwen3_moe_fused.grouped_gemm import grouped_dw_launch, grouped_gemm_launch  # noqa: E402
 
 SHAPES = {"qwen3-30b-a3b": (2048, 768), "qwen3-235b-a22b": (4096, 1536)}  # (H, I)
 NUM_EXPERTS, TOP_K = 128, 8
@@ -89,8 +89,7 @@ def tune_shape(hidden, inter, num_tokens, configs, log):
         "down": (hidden, inter, False, lambda c: grouped_gemm_launch(
             act, down, rows, r, c, scatter=r.sort_idx, row_scale=flat_w)),
         "down_dx": (inter, hidden, False, lambda c: grouped_gemm_launch(
-            grad_out, down, act, r, c, b_is_kn=True, gather=r.sorted_token, swiglu_grad=SwigluGrad(
-                h, flat_w, r.sort_idx, dh, torch.empty(num_rows, triton.cdiv(inter, c["BLOCK_N"]), device=dev)))),
+            grad_out, down, act, r, c, b_is_kn=True, gather=r.sorted_token)),
         "gate_up_dx": (hidden, 2 * inter, False, lambda c: grouped_gemm_launch(
             dh, gate_up, rows, r, c, b_is_kn=True, scatter=r.sort_idx)),
     }  # fmt: skip

@@ -7,15 +7,15 @@ tensors take a PyTorch path over the same routing.
 
 import torch
 import torch.nn.functional as F
-import triton
 from torch import Tensor
 
 from ._ops import add_op_namespace_prefix
+from .activation import swiglu_backward_launch
 from .checks import check_expert_ids, check_experts_inputs, check_grouped_gemm_inputs
 from .combine import combine_launch
-from .grouped_gemm import SwigluGrad, grouped_dw_launch, grouped_gemm_launch
+from .grouped_gemm import grouped_dw_launch, grouped_gemm_launch
 from .routing import Routing, max_tiles, route, route_from_counts
-from .tuning import INTERPRET, block_m_for, dw_config, gemm_config
+from .tuning import INTERPRET, block_m_for, dw_config, gemm_config, rows_block
 
 
 def _use_triton(t: Tensor) -> bool:
@@ -116,14 +116,15 @@ def experts_bwd_op(
         return _experts_bwd_torch(grad_out, x, gate_up, down, top_k_index, top_k_weights, r)
     num_rows, inter = top_k_index.numel(), down.shape[2]
     hidden = x.shape[1]
-    # dOut[token] @ down[e] with the SwiGLU backward in the epilogue: d(gate, up), the
-    # weighted activation for dW_down and the routing-weight gradient.
+    # g = dOut[token] @ down[e]: the gradient of each row's unweighted expert output.
+    g = x.new_empty(num_rows, inter)
     cfg = gemm_config("down_dx", inter, hidden, block_m, x.device)
+    grouped_gemm_launch(grad_out, down, g, r, cfg, b_is_kn=True, gather=r.sorted_token)
     dh = x.new_empty(num_rows, 2 * inter)
     w_act = x.new_empty(num_rows, inter)
-    dweights = torch.zeros(num_rows, triton.cdiv(inter, cfg["BLOCK_N"]), dtype=torch.float32, device=x.device)
-    grad = SwigluGrad(h, weights_flat, r.sort_idx, dh, dweights)
-    grouped_gemm_launch(grad_out, down, w_act, r, cfg, b_is_kn=True, gather=r.sorted_token, swiglu_grad=grad)
+    dweights = torch.zeros(num_rows, dtype=torch.float32, device=x.device)
+    swiglu_backward_launch(g, h, weights_flat, r, dh, w_act, dweights, rows_block())
+    del g  # free row buffers as soon as they are consumed: lower peak memory
 
     # Outputs of a custom op may not alias each other: one empty tensor each.
     dx, dgate_up, ddown = (x.new_empty(0) for _ in range(3))
@@ -131,7 +132,7 @@ def experts_bwd_op(
         ddown = torch.empty(down.shape, dtype=down.dtype, device=down.device)
         cfg = dw_config("down_dw", hidden, inter, block_m, x.device)
         grouped_dw_launch(grad_out, w_act, ddown, r, cfg, a_gather=r.sorted_token)
-    del w_act  # free row buffers as soon as they are consumed: lower peak memory
+    del w_act
     if need_dgate_up:
         dgate_up = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=gate_up.device)
         cfg = dw_config("gate_up_dw", 2 * inter, hidden, block_m, x.device)
@@ -142,7 +143,7 @@ def experts_bwd_op(
         grouped_gemm_launch(dh, gate_up, rows, r, cfg, b_is_kn=True, scatter=r.sort_idx)
         dx = torch.empty_like(x)
         combine_launch(rows, top_k_index, gate_up.shape[0], dx)
-    return dx, dgate_up, ddown, dweights.sum(1).view(top_k_weights.shape).to(top_k_weights.dtype)
+    return dx, dgate_up, ddown, dweights.view(top_k_weights.shape).to(top_k_weights.dtype)
 
 
 def _experts_bwd_torch(grad_out, x, gate_up, down, top_k_index, top_k_weights, r: Routing):

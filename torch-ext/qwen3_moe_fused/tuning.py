@@ -88,3 +88,8 @@ def gemm_config(kind: str, n: int, k: int, block_m: int, device: torch.device) -
 def dw_config(kind: str, m: int, n: int, block_m: int, device: torch.device) -> dict:
     """Config of a weight-gradient GEMM (grouped_gemm/backward_dw.py); block_m tracks rows per expert."""
     return _lookup(device, dw_key(kind, m, n, block_m)) or default_dw_config()
+
+
+def rows_block() -> int:
+    """Rows per program of the elementwise SwiGLU backward."""
+    return 16 if INTERPRET else 8

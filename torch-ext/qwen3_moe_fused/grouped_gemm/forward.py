@@ -5,13 +5,8 @@ One kernel serves the forward GEMMs and the dX GEMMs of the backward:
   * SWIGLU: B holds gate rows [0, N) and up rows [N, 2N); a tile computes both and
     writes silu(gate) * up, optionally saving the pre-activation (gate, up);
   * ROW_SCALE / SCATTER: the epilogue multiplies each row by its routing weight and
-    writes it to its (token, k) position instead of its sorted position;
-  * SWIGLU_BWD: the tile is g = dOut[token] @ down[e] and the epilogue applies the SwiGLU
-    backward with the saved (gate, up), writing d(gate, up), the weighted activation
-    for dW_down and per-tile partial sums of the routing-weight gradient.
+    writes it to its (token, k) position instead of its sorted position.
 """
-
-from typing import NamedTuple
 
 import torch
 import triton
@@ -20,55 +15,15 @@ import triton.language as tl
 from ..routing import Routing
 
 
-class SwigluGrad(NamedTuple):
-    """Tensors of the fused SwiGLU backward epilogue (N = I, sorted rows R, T * K pairs P)."""
-
-    h: torch.Tensor  # (R, 2I) saved (gate, up)
-    weights: torch.Tensor  # (P,) routing weights in (token, k) order
-    flat_index: torch.Tensor  # (R,) (token, k) position of each sorted row
-    dh: torch.Tensor  # (R, 2I) out: d(gate, up)
-    dweights: torch.Tensor  # (P, cdiv(I, BLOCK_N)) float32 out: partial sums over column tiles
-
-
-@triton.jit
-def _swiglu(gate, up, dtype: tl.constexpr):
-    """silu(gate) * up with the eager loop's roundings to dtype; returns (act, silu, sigmoid)."""
-    sig = tl.sigmoid(gate)
-    silu = (gate * sig).to(dtype).to(tl.float32)
-    return silu * up, silu, sig
-
-
-@triton.jit
-def _swiglu_backward_epilogue(
-    g, rows, row_mask, offs_n, mask, N, stride_hm, h_ptr, dh_ptr, weights_ptr, flat_ptr, dw_ptr, pid_n, stride_dw
-):
-    """From g = dL/d(unweighted expert output) @ down: store d(gate, up), return w * act."""
-    h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_hm + offs_n[None, :]
-    gate = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(h_ptrs + N, mask=mask, other=0.0).to(tl.float32)
-    flat = tl.load(flat_ptr + rows, mask=row_mask, other=0)
-    w = tl.load(weights_ptr + flat, mask=row_mask, other=0.0).to(tl.float32)
-    act, silu, sig = _swiglu(gate, up, h_ptr.dtype.element_ty)
-    # dL/dw of each row, summed over this column tile; the tiles are summed on the host side.
-    tl.store(dw_ptr + flat.to(tl.int64) * stride_dw + pid_n, tl.sum(g * act, axis=1), mask=row_mask)
-    d_act = g * w[:, None]
-    dh_ptrs = dh_ptr + rows.to(tl.int64)[:, None] * stride_hm + offs_n[None, :]
-    tl.store(dh_ptrs, (d_act * up * (sig + gate * sig * (1.0 - sig))).to(dh_ptr.dtype.element_ty), mask=mask)
-    tl.store(dh_ptrs + N, (d_act * silu).to(dh_ptr.dtype.element_ty), mask=mask)
-    return act * w[:, None]
-
-
 @triton.jit
 def _grouped_gemm_kernel(
     a_ptr,  # (rows of A, K)
     b_ptr,  # (E, N or 2N, K) through strides
     c_ptr,  # (rows of C, N)
-    h_ptr,  # (sorted rows, 2N) pre-activation, written when SAVE_H, read when SWIGLU_BWD
-    dh_ptr,  # (sorted rows, 2N) written when SWIGLU_BWD
-    dw_ptr,  # (T * K, tiles of N) float32, written when SWIGLU_BWD
+    h_ptr,  # (sorted rows, 2N) pre-activation, written when SAVE_H
     gather_ptr,  # (sorted rows,) row of A for each sorted row
-    flat_ptr,  # (sorted rows,) (token, k) position: the row of C when SCATTER
-    scale_ptr,  # (T * K,) routing weight of each (token, k) position
+    scatter_ptr,  # (sorted rows,) row of C for each sorted row
+    scale_ptr,  # (rows of C,) multiplier of each output row
     tile_expert_ptr,
     tile_row_start_ptr,
     expert_offsets_ptr,
@@ -83,13 +38,11 @@ def _grouped_gemm_kernel(
     stride_cm,
     stride_cn,
     stride_hm,
-    stride_dw,
     GATHER: tl.constexpr,
     SCATTER: tl.constexpr,
     ROW_SCALE: tl.constexpr,
     SWIGLU: tl.constexpr,
     SAVE_H: tl.constexpr,
-    SWIGLU_BWD: tl.constexpr,
     IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -158,13 +111,10 @@ def _grouped_gemm_kernel(
             h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_hm + offs_n[None, :]
             tl.store(h_ptrs, acc.to(h_ptr.dtype.element_ty), mask=mask)
             tl.store(h_ptrs + N, acc_up.to(h_ptr.dtype.element_ty), mask=mask)
-        acc, _, _ = _swiglu(acc, acc_up, c_ptr.dtype.element_ty)
-    if SWIGLU_BWD:
-        acc = _swiglu_backward_epilogue(
-            acc, rows, row_mask, offs_n, mask, N, stride_hm, h_ptr, dh_ptr, scale_ptr, flat_ptr, dw_ptr, pid_n, stride_dw
-        )
+        silu = (acc * tl.sigmoid(acc)).to(c_ptr.dtype.element_ty).to(tl.float32)
+        acc = silu * acc_up
     if SCATTER:
-        c_rows = tl.load(flat_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+        c_rows = tl.load(scatter_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     else:
         c_rows = rows.to(tl.int64)
     if ROW_SCALE:
@@ -188,15 +138,12 @@ def grouped_gemm_launch(
     row_scale: torch.Tensor | None = None,
     swiglu: bool = False,
     h_out: torch.Tensor | None = None,
-    swiglu_grad: SwigluGrad | None = None,
 ) -> torch.Tensor:
     """Launch the grouped GEMM into out (rows, N).
 
     a: (rows of A, K). b: (E, N, K), or (E, K, N) when b_is_kn; with swiglu (E, 2N, K).
-    gather: (sorted rows,) int32 rows of a; scatter: (sorted rows,) int32 rows of out, which
-    are (token, k) positions; row_scale: (T * K,) weights by (token, k) position.
+    gather / scatter: (sorted rows,) int32 row maps; row_scale: (rows of out,).
     h_out: (sorted rows, 2N) receives (gate, up) when swiglu.
-    swiglu_grad: fuse the SwiGLU backward into the epilogue; out receives w * act.
     """
     n_out, k_in = out.shape[1], a.shape[1]
     stride_bn, stride_bk = (b.stride(2), b.stride(1)) if b_is_kn else (b.stride(1), b.stride(2))
@@ -206,20 +153,14 @@ def grouped_gemm_launch(
     if grid[0] == 0:
         return out
     dummy = routing.sort_idx  # stands in for absent optional pointers; never read
-    grad = swiglu_grad
-    h = grad.h if grad is not None else h_out
-    flat_index = grad.flat_index if grad is not None else scatter
-    scale = grad.weights if grad is not None else row_scale
     _grouped_gemm_kernel[grid](
         a,
         b,
         out,
-        h if h is not None else out,
-        grad.dh if grad is not None else out,
-        grad.dweights if grad is not None else out,
+        h_out if h_out is not None else out,
         gather if gather is not None else dummy,
-        flat_index if flat_index is not None else dummy,
-        scale if scale is not None else out,
+        scatter if scatter is not None else dummy,
+        row_scale if row_scale is not None else out,
         routing.tile_expert,
         routing.tile_row_start,
         routing.expert_offsets,
@@ -233,14 +174,12 @@ def grouped_gemm_launch(
         stride_bk,
         out.stride(0),
         out.stride(1),
-        h.stride(0) if h is not None else 0,
-        grad.dweights.stride(0) if grad is not None else 0,
+        h_out.stride(0) if h_out is not None else 0,
         GATHER=gather is not None,
         SCATTER=scatter is not None,
         ROW_SCALE=row_scale is not None,
         SWIGLU=swiglu,
         SAVE_H=h_out is not None,
-        SWIGLU_BWD=grad is not None,
         IEEE=a.dtype == torch.float32,
         BLOCK_M=routing.block_m,
         BLOCK_N=block_n,
