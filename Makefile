@@ -48,7 +48,7 @@ test-gpu:
 	$(KERNEL_ENV) $(PYTHON) -m pytest -q -m gpu tests
 
 example: venv build publish-local
-	$(KERNEL_ENV) TRITON_INTERPRET=1 $(VPY) $(EXAMPLE)
+	$(KERNEL_ENV) $(VPY) $(EXAMPLE)
 
 benchmark:
 	$(PYTHON) scripts/build.py
