@@ -133,16 +133,17 @@ def experts_bwd_op(
         cfg = dw_config("down_dw", hidden, inter, block_m, x.device)
         grouped_dw_launch(grad_out, w_act, ddown, r, cfg, a_gather=r.sorted_token)
     del w_act
-    if need_dgate_up:
-        dgate_up = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=gate_up.device)
-        cfg = dw_config("gate_up_dw", 2 * inter, hidden, block_m, x.device)
-        grouped_dw_launch(dh, x, dgate_up, r, cfg, b_gather=r.sorted_token)
-    if need_dx:
+    if need_dx:  # before dgate_up: its (T*K, H) rows are freed before that large gradient exists
         rows = x.new_empty(num_rows, hidden)
         cfg = gemm_config("gate_up_dx", hidden, 2 * inter, block_m, x.device)
         grouped_gemm_launch(dh, gate_up, rows, r, cfg, b_is_kn=True, scatter=r.sort_idx)
         dx = torch.empty_like(x)
         combine_launch(rows, top_k_index, gate_up.shape[0], dx)
+        del rows
+    if need_dgate_up:
+        dgate_up = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=gate_up.device)
+        cfg = dw_config("gate_up_dw", 2 * inter, hidden, block_m, x.device)
+        grouped_dw_launch(dh, x, dgate_up, r, cfg, b_gather=r.sorted_token)
     return dx, dgate_up, ddown, dweights.view(top_k_weights.shape).to(top_k_weights.dtype)
 
 
