@@ -92,3 +92,25 @@ def check_grouped_gemm_inputs(x, weight, m_sizes) -> None:
         lo, total = int(m_sizes.min()), int(m_sizes.sum())
         if lo < 0 or total != x.shape[0]:
             raise ValueError(f"m_sizes must be >= 0 and sum to M = {x.shape[0]}, got min {lo} and sum {total}")
+
+
+def check_lora(name: str, lora, weight: torch.Tensor) -> None:
+    """lora: None or (A (E, R, in), B (E, out, R)) for a weight (E, out, in)."""
+    if lora is None:
+        return
+    if not isinstance(lora, (tuple, list)) or len(lora) != 2:
+        raise TypeError(f"{name} must be None or a pair (A, B) of tensors")
+    lora_a, lora_b = lora
+    _tensor(f"{name}[0]", lora_a, 3, FLOAT_DTYPES)
+    _tensor(f"{name}[1]", lora_b, 3, FLOAT_DTYPES)
+    _same_device(weight=weight, **{f"{name}[0]": lora_a, f"{name}[1]": lora_b})
+    num_experts, out_features, in_features = weight.shape
+    rank = lora_a.shape[1]
+    if tuple(lora_a.shape) != (num_experts, rank, in_features) or tuple(lora_b.shape) != (num_experts, out_features, rank):
+        raise ValueError(
+            f"{name} must be A (E, R, in) = ({num_experts}, R, {in_features}) and B (E, out, R) = "
+            f"({num_experts}, {out_features}, R), got {tuple(lora_a.shape)} and {tuple(lora_b.shape)}"
+        )
+    for i, factor in enumerate(lora):
+        if factor.dtype != weight.dtype:
+            raise TypeError(f"{name}[{i}] has dtype {factor.dtype} but the expert weight has {weight.dtype}")

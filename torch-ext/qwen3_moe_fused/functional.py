@@ -2,7 +2,7 @@
 implementations so torch.compile traces the MoE block without graph breaks.
 
 Triton runs on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1; other
-tensors take a PyTorch path over the same routing.
+tensors take a PyTorch path (the experts loop, plain autograd).
 """
 
 import torch
@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ._ops import add_op_namespace_prefix
 from .activation import swiglu_backward_launch
-from .checks import check_expert_ids, check_experts_inputs, check_grouped_gemm_inputs
+from .checks import check_expert_ids, check_experts_inputs, check_grouped_gemm_inputs, check_lora
 from .combine import combine_launch
 from .grouped_gemm import grouped_dw_launch, grouped_gemm_launch
 from .routing import Routing, max_tiles, route, route_from_counts
@@ -27,25 +27,42 @@ def _routing(tensors: list[Tensor], block_m: int) -> Routing:
 
 
 # ---------------------------------------------------------------- experts forward / backward
+#
+# LoRA on the experts: for a weight W (E, out, in), A (E, R, in) and B (E, out, R) with the
+# scaling folded into B; a routed row x gets W[e] x + B[e] (A[e] x). The ops take the four
+# factors as optional inputs; "L" below is a row projected by A (a thin grouped GEMM).
 
 
-def _experts_torch(x, gate_up, down, top_k_index, weights_flat, r: Routing, save_h: bool):
-    """PyTorch path over the same routing (devices without Triton); differentiable."""
-    num_tokens, hidden = x.shape
-    offsets = r.expert_offsets.tolist()
-    rows = x.new_zeros(top_k_index.numel(), hidden)
-    h = x.new_empty(top_k_index.numel(), gate_up.shape[1]) if save_h else x.new_empty(0)
+def _experts_torch(x, gate_up, down, top_k_index, top_k_weights, lora):
+    """PyTorch path for devices without Triton: the eager loop over experts, differentiable."""
+    gate_up_a, gate_up_b, down_a, down_b = lora
+    out = torch.zeros_like(x)
     for e in range(gate_up.shape[0]):
-        start, end = offsets[e], offsets[e + 1]
-        if start == end:
+        token, k = torch.where(top_k_index == e)
+        if token.numel() == 0:
             continue
-        he = F.linear(x[r.sorted_token[start:end].long()], gate_up[e])
-        if save_h:
-            h[start:end] = he.detach()
-        gate, up = he.chunk(2, dim=-1)
-        flat = r.sort_idx[start:end].long()
-        rows = rows.index_put((flat,), F.linear(F.silu(gate) * up, down[e]) * weights_flat[flat, None])
-    return rows.view(num_tokens, -1, hidden).sum(1), h
+        h = F.linear(x[token], gate_up[e])
+        if gate_up_a is not None:
+            h = h + F.linear(F.linear(x[token], gate_up_a[e]), gate_up_b[e])
+        gate, up = h.chunk(2, dim=-1)
+        act = F.silu(gate) * up
+        y = F.linear(act, down[e])
+        if down_a is not None:
+            y = y + F.linear(F.linear(act, down_a[e]), down_b[e])
+        out = out.index_add(0, token, y * top_k_weights[token, k, None])
+    return out
+
+
+def _lora_project(a, lora_factor, r: Routing, *, gather=None, transposed=False):
+    """L (sorted rows, R) = a[gather] @ F[e]^T for a factor F (E, R, in), or (E, in, R) when transposed."""
+    rank = lora_factor.shape[2] if transposed else lora_factor.shape[1]
+    out = a.new_empty(r.sort_idx.numel(), rank)
+    cfg = gemm_config("lora", rank, a.shape[1], r.block_m, a.device)
+    return grouped_gemm_launch(a, lora_factor, out, r, cfg, gather=gather, b_is_kn=transposed)
+
+
+def _lora_dw_config(grad: Tensor, block_m: int) -> dict:
+    return dw_config("lora_dw", grad.shape[1], grad.shape[2], block_m, grad.device)
 
 
 @torch.library.custom_op(add_op_namespace_prefix("experts_fwd"), mutates_args=())
@@ -55,29 +72,34 @@ def experts_fwd_op(
     down: Tensor,
     top_k_index: Tensor,
     top_k_weights: Tensor,
+    gate_up_a: Tensor | None,
+    gate_up_b: Tensor | None,
+    down_a: Tensor | None,
+    down_b: Tensor | None,
     block_m: int,
     save_h: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> out (T, H); the pre-activation h (T*K, 2I) in sorted order when save_h (else empty);
     the routing (sort_idx, sorted_token, expert_offsets, tile_expert, tile_row_start) that
     the backward reuses."""
-    r = route(top_k_index, gate_up.shape[0], block_m, _use_triton(x))
+    r = route(top_k_index, gate_up.shape[0], block_m, True)
     weights_flat = top_k_weights.reshape(-1)
-    if not _use_triton(x):
-        out, h = _experts_torch(x, gate_up, down, top_k_index, weights_flat, r, save_h)
-        return out, h, *r[:5]
     num_tokens, hidden = x.shape
     num_rows, inter = top_k_index.numel(), down.shape[2]
     act = x.new_empty(num_rows, inter)
     h = x.new_empty(num_rows, 2 * inter) if save_h else x.new_empty(0)
+    lora = None
+    if gate_up_a is not None:
+        lora = (_lora_project(x, gate_up_a, r, gather=r.sorted_token), gate_up_b, False)
     grouped_gemm_launch(
         x, gate_up, act, r, gemm_config("gate_up", inter, hidden, block_m, x.device),
-        gather=r.sorted_token, swiglu=True, h_out=h if save_h else None,
+        gather=r.sorted_token, swiglu=True, h_out=h if save_h else None, lora=lora,
     )  # fmt: skip
+    lora = (_lora_project(act, down_a, r), down_b, False) if down_a is not None else None
     rows = x.new_empty(num_rows, hidden)
     grouped_gemm_launch(
         act, down, rows, r, gemm_config("down", hidden, inter, block_m, x.device),
-        scatter=r.sort_idx, row_scale=weights_flat,
+        scatter=r.sort_idx, row_scale=weights_flat, lora=lora,
     )  # fmt: skip
     out = x.new_empty(num_tokens, hidden)
     combine_launch(rows, top_k_index, gate_up.shape[0], out)
@@ -85,7 +107,7 @@ def experts_fwd_op(
 
 
 @experts_fwd_op.register_fake
-def _(x, gate_up, down, top_k_index, top_k_weights, block_m, save_h):
+def _(x, gate_up, down, top_k_index, top_k_weights, gate_up_a, gate_up_b, down_a, down_b, block_m, save_h):
     num_rows, num_experts = top_k_index.numel(), gate_up.shape[0]
     h = x.new_empty(num_rows, gate_up.shape[1]) if save_h else x.new_empty(0)
     n_tiles = max_tiles(num_rows, num_experts, block_m)
@@ -101,110 +123,118 @@ def experts_bwd_op(
     down: Tensor,
     top_k_index: Tensor,
     top_k_weights: Tensor,
+    gate_up_a: Tensor | None,
+    gate_up_b: Tensor | None,
+    down_a: Tensor | None,
+    down_b: Tensor | None,
     h: Tensor,
     routing: list[Tensor],
     block_m: int,
     need_dx: bool,
     need_dgate_up: bool,
     need_ddown: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """-> dx (T, H), dgate_up (E, 2I, H), ddown (E, H, I), dweights (T, K); unneeded ones are empty."""
+    need_lora: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> dx (T, H), dgate_up (E, 2I, H), ddown (E, H, I), dweights (T, K), then the gradients
+    of gate_up_a, gate_up_b, down_a, down_b; unneeded ones are empty."""
     r = _routing(routing, block_m)
     weights_flat = top_k_weights.reshape(-1)
     grad_out = grad_out.to(x.dtype).contiguous()
-    if not _use_triton(x):
-        return _experts_bwd_torch(grad_out, x, gate_up, down, top_k_index, top_k_weights, r)
     num_rows, inter = top_k_index.numel(), down.shape[2]
     hidden = x.shape[1]
-    # g = dOut[token] @ down[e]: the gradient of each row's unweighted expert output.
+    # Outputs of a custom op may not alias each other: one empty tensor each.
+    dx, dgate_up, ddown, dgate_up_a, dgate_up_b, ddown_a, ddown_b = (x.new_empty(0) for _ in range(7))
+
+    # g = dOut[token] @ (down[e] + B[e] A[e]): the gradient of each row's unweighted expert output.
+    lora = None
+    if down_a is not None:
+        down_l = _lora_project(grad_out, down_b, r, gather=r.sorted_token, transposed=True)
+        lora = (down_l, down_a, True)
     g = x.new_empty(num_rows, inter)
     cfg = gemm_config("down_dx", inter, hidden, block_m, x.device)
-    grouped_gemm_launch(grad_out, down, g, r, cfg, b_is_kn=True, gather=r.sorted_token)
+    grouped_gemm_launch(grad_out, down, g, r, cfg, b_is_kn=True, gather=r.sorted_token, lora=lora)
     dh = x.new_empty(num_rows, 2 * inter)
     w_act = x.new_empty(num_rows, inter)
     dweights = torch.zeros(num_rows, dtype=torch.float32, device=x.device)
     swiglu_backward_launch(g, h, weights_flat, r, dh, w_act, dweights, rows_block())
     del g  # free row buffers as soon as they are consumed: lower peak memory
 
-    # Outputs of a custom op may not alias each other: one empty tensor each.
-    dx, dgate_up, ddown = (x.new_empty(0) for _ in range(3))
+    if down_a is not None and need_lora:
+        ddown_a = torch.empty(down_a.shape, dtype=down_a.dtype, device=x.device)
+        grouped_dw_launch(down_l, w_act, ddown_a, r, _lora_dw_config(ddown_a, block_m))
+        ddown_b = torch.empty(down_b.shape, dtype=down_b.dtype, device=x.device)
+        w_down_l = _lora_project(w_act, down_a, r)  # w * (A act), rows of the routing weight
+        grouped_dw_launch(grad_out, w_down_l, ddown_b, r, _lora_dw_config(ddown_b, block_m), a_gather=r.sorted_token)
     if need_ddown:
         ddown = torch.empty(down.shape, dtype=down.dtype, device=down.device)
         cfg = dw_config("down_dw", hidden, inter, block_m, x.device)
         grouped_dw_launch(grad_out, w_act, ddown, r, cfg, a_gather=r.sorted_token)
     del w_act
+
+    lora = None
+    if gate_up_a is not None:
+        gate_up_l = _lora_project(dh, gate_up_b, r, transposed=True)  # dh @ B[e]: (rows, R)
+        lora = (gate_up_l, gate_up_a, True)
     if need_dx:  # before dgate_up: its (T*K, H) rows are freed before that large gradient exists
         rows = x.new_empty(num_rows, hidden)
         cfg = gemm_config("gate_up_dx", hidden, 2 * inter, block_m, x.device)
-        grouped_gemm_launch(dh, gate_up, rows, r, cfg, b_is_kn=True, scatter=r.sort_idx)
+        grouped_gemm_launch(dh, gate_up, rows, r, cfg, b_is_kn=True, scatter=r.sort_idx, lora=lora)
         dx = torch.empty_like(x)
         combine_launch(rows, top_k_index, gate_up.shape[0], dx)
         del rows
+    if gate_up_a is not None and need_lora:
+        dgate_up_a = torch.empty(gate_up_a.shape, dtype=gate_up_a.dtype, device=x.device)
+        grouped_dw_launch(gate_up_l, x, dgate_up_a, r, _lora_dw_config(dgate_up_a, block_m), b_gather=r.sorted_token)
+        dgate_up_b = torch.empty(gate_up_b.shape, dtype=gate_up_b.dtype, device=x.device)
+        x_l = _lora_project(x, gate_up_a, r, gather=r.sorted_token)
+        grouped_dw_launch(dh, x_l, dgate_up_b, r, _lora_dw_config(dgate_up_b, block_m))
     if need_dgate_up:
         dgate_up = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=gate_up.device)
         cfg = dw_config("gate_up_dw", 2 * inter, hidden, block_m, x.device)
         grouped_dw_launch(dh, x, dgate_up, r, cfg, b_gather=r.sorted_token)
-    return dx, dgate_up, ddown, dweights.view(top_k_weights.shape).to(top_k_weights.dtype)
-
-
-def _experts_bwd_torch(grad_out, x, gate_up, down, top_k_index, top_k_weights, r: Routing):
-    """PyTorch backward over the same routing (autograd is off inside custom ops)."""
-    weights_flat = top_k_weights.reshape(-1)
-    dx, dgate_up, ddown = torch.zeros_like(x), torch.zeros_like(gate_up), torch.zeros_like(down)
-    dweights = torch.zeros_like(weights_flat)
-    offsets = r.expert_offsets.tolist()
-    for e in range(gate_up.shape[0]):
-        start, end = offsets[e], offsets[e + 1]
-        if start == end:
-            continue
-        token, flat = r.sorted_token[start:end].long(), r.sort_idx[start:end].long()
-        xe, go = x[token], grad_out[token]
-        gate, up = F.linear(xe, gate_up[e]).chunk(2, dim=-1)
-        sig = torch.sigmoid(gate)
-        silu = gate * sig
-        act = silu * up
-        dweights[flat] = (go * F.linear(act, down[e])).sum(-1)
-        dy = go * weights_flat[flat, None]
-        ddown[e] = dy.T @ act
-        d_act = dy @ down[e]
-        dh = torch.cat([d_act * up * (sig + silu * (1 - sig)), d_act * silu], dim=-1)
-        dgate_up[e] = dh.T @ xe
-        dx.index_add_(0, token, dh @ gate_up[e])
-    return dx, dgate_up, ddown, dweights.view(top_k_weights.shape)
+    dweights = dweights.view(top_k_weights.shape).to(top_k_weights.dtype)
+    return dx, dgate_up, ddown, dweights, dgate_up_a, dgate_up_b, ddown_a, ddown_b
 
 
 @experts_bwd_op.register_fake
-def _(grad_out, x, gate_up, down, top_k_index, top_k_weights, h, routing, block_m, need_dx, need_dgate_up, need_ddown):
+def _(grad_out, x, gate_up, down, top_k_index, top_k_weights, gate_up_a, gate_up_b, down_a, down_b, h, routing,
+      block_m, need_dx, need_dgate_up, need_ddown, need_lora):  # fmt: skip
+    def like(t, needed):
+        return torch.empty_like(t) if needed and t is not None else x.new_empty(0)
+
     return (
-        torch.empty_like(x) if need_dx else x.new_empty(0),
-        torch.empty_like(gate_up) if need_dgate_up else x.new_empty(0),
-        torch.empty_like(down) if need_ddown else x.new_empty(0),
-        torch.empty_like(top_k_weights),
-    )
+        like(x, need_dx), like(gate_up, need_dgate_up), like(down, need_ddown), torch.empty_like(top_k_weights),
+        like(gate_up_a, need_lora), like(gate_up_b, need_lora), like(down_a, need_lora), like(down_b, need_lora),
+    )  # fmt: skip
 
 
 def _experts_setup_context(ctx, inputs, output):
-    x, gate_up, down, top_k_index, top_k_weights, block_m, save_h = inputs
+    x, gate_up, down, top_k_index, top_k_weights, gate_up_a, gate_up_b, down_a, down_b, block_m, save_h = inputs
     out, h, *routing = output
     ctx.mark_non_differentiable(h, *routing)
-    ctx.save_for_backward(x, gate_up, down, top_k_index, top_k_weights, h, *routing)
+    ctx.save_for_backward(x, gate_up, down, top_k_index, top_k_weights, gate_up_a, gate_up_b, down_a, down_b, h, *routing)
     ctx.block_m = block_m
 
 
 def _experts_backward(ctx, grad_out, *unused_grads):
-    x, gate_up, down, top_k_index, top_k_weights, h, *routing = ctx.saved_tensors
+    x, gate_up, down, top_k_index, top_k_weights, gate_up_a, gate_up_b, down_a, down_b, h, *routing = ctx.saved_tensors
     need = ctx.needs_input_grad
-    if h.numel() == 0 and top_k_index.numel() > 0 and _use_triton(x):
+    if h.numel() == 0 and top_k_index.numel() > 0:
         raise RuntimeError("qwen3_moe_fused: backward needs the activations saved by a forward run with grad")
-    dx, dgate_up, ddown, dweights = experts_bwd_op(
-        grad_out, x, gate_up, down, top_k_index, top_k_weights, h, routing, ctx.block_m, need[0], need[1], need[2]
-    )
+    need_lora = any(need[5:9])
+    grads = experts_bwd_op(
+        grad_out, x, gate_up, down, top_k_index, top_k_weights, gate_up_a, gate_up_b, down_a, down_b, h, routing,
+        ctx.block_m, need[0], need[1], need[2], need_lora,
+    )  # fmt: skip
+    dx, dgate_up, ddown, dweights, *dlora = grads
+    dlora = [d if n else None for d, n in zip(dlora, need[5:9])]
     return (
         dx if need[0] else None,
         dgate_up if need[1] else None,
         ddown if need[2] else None,
         None,
         dweights if need[4] else None,
+        *dlora,
         None,
         None,
     )
@@ -213,14 +243,15 @@ def _experts_backward(ctx, grad_out, *unused_grads):
 torch.library.register_autograd(experts_fwd_op, _experts_backward, setup_context=_experts_setup_context)
 
 
-def moe_experts(x, gate_up, down, top_k_index, top_k_weights) -> Tensor:
+def moe_experts(x, gate_up, down, top_k_index, top_k_weights, gate_up_lora=None, down_lora=None) -> Tensor:
     """The experts' forward on checked inputs: x (T, H) -> (T, H). Ids outside [0, E) contribute zero."""
-    num_experts = gate_up.shape[0]
-    block_m = block_m_for(top_k_index.numel(), num_experts)
-    top_k_index = top_k_index.contiguous()
-    top_k_weights = top_k_weights.contiguous()
-    save_h = torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate_up, down, top_k_weights))
-    return experts_fwd_op(x.contiguous(), gate_up, down, top_k_index, top_k_weights, block_m, save_h)[0]
+    lora = (*(gate_up_lora or (None, None)), *(down_lora or (None, None)))
+    if not _use_triton(x):
+        return _experts_torch(x, gate_up, down, top_k_index, top_k_weights, lora)
+    block_m = block_m_for(top_k_index.numel(), gate_up.shape[0])
+    inputs = (x.contiguous(), gate_up, down, top_k_index.contiguous(), top_k_weights.contiguous(), *lora)
+    save_h = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    return experts_fwd_op(*inputs, block_m, save_h)[0]
 
 
 def moe_experts_forward(
@@ -231,6 +262,8 @@ def moe_experts_forward(
     top_k_weights: Tensor,
     *,
     check_ids: bool = True,
+    gate_up_lora: tuple[Tensor, Tensor] | None = None,
+    down_lora: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """Qwen3 MoE experts: sum_k w[t, k] * down[e] @ (silu(gate[e] @ x[t]) * (up[e] @ x[t])), e = top_k_index[t, k].
 
@@ -238,14 +271,20 @@ def moe_experts_forward(
     top_k_index (T, K) int, top_k_weights (T, K). Returns (T, H); differentiable in all
     floating inputs.
 
+    gate_up_lora / down_lora: LoRA on the expert weights, (A, B) with A (E, R, in) and
+    B (E, out, R), the LoRA scaling already multiplied into B: W[e] becomes W[e] + B[e] A[e]
+    without ever being formed.
+
     check_ids reads the ids back to the host to reject ids outside [0, E) with a
     ValueError (one device synchronization; skipped while compiling or capturing a CUDA
     graph). With check_ids=False nothing synchronizes and such ids contribute zero.
     """
     check_experts_inputs(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights)
+    check_lora("gate_up_lora", gate_up_lora, gate_up_proj)
+    check_lora("down_lora", down_lora, down_proj)
     if check_ids:
         check_expert_ids(top_k_index, gate_up_proj.shape[0])
-    return moe_experts(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights)
+    return moe_experts(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights, gate_up_lora, down_lora)
 
 
 # ---------------------------------------------------------------- plain grouped GEMM

@@ -60,15 +60,20 @@ def block_m_for(num_rows: int, num_experts: int) -> int:
 def default_gemm_config(kind: str, block_m: int) -> dict:
     if INTERPRET:
         return dict(BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
+    if kind == "lora":  # thin: N is the LoRA rank
+        return dict(BLOCK_N=32, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)
     # SwiGLU keeps two accumulators: halve the column tile to keep registers in budget.
     block_n = 64 if (kind == "gate_up" and block_m >= 64) or block_m <= 32 else 128
     num_warps = 8 if block_m * block_n >= 128 * 128 else 4
     return dict(BLOCK_N=block_n, BLOCK_K=64, GROUP_M=8, num_warps=num_warps, num_stages=3)
 
 
-def default_dw_config() -> dict:
+def default_dw_config(kind: str, m: int, n: int) -> dict:
     if INTERPRET:
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=1)
+    if kind == "lora_dw":  # one side is the LoRA rank: a thin tile along it
+        block_m, block_n = (32, 128) if m < n else (128, 32)
+        return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64, num_warps=4, num_stages=3)
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3)
 
 
@@ -87,7 +92,7 @@ def gemm_config(kind: str, n: int, k: int, block_m: int, device: torch.device) -
 
 def dw_config(kind: str, m: int, n: int, block_m: int, device: torch.device) -> dict:
     """Config of a weight-gradient GEMM (grouped_gemm/backward_dw.py); block_m tracks rows per expert."""
-    return _lookup(device, dw_key(kind, m, n, block_m)) or default_dw_config()
+    return _lookup(device, dw_key(kind, m, n, block_m)) or default_dw_config(kind, m, n)
 
 
 def rows_block() -> int:

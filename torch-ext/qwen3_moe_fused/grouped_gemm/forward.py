@@ -5,7 +5,10 @@ One kernel serves the forward GEMMs and the dX GEMMs of the backward:
   * SWIGLU: B holds gate rows [0, N) and up rows [N, 2N); a tile computes both and
     writes silu(gate) * up, optionally saving the pre-activation (gate, up);
   * ROW_SCALE / SCATTER: the epilogue multiplies each row by its routing weight and
-    writes it to its (token, k) position instead of its sorted position.
+    writes it to its (token, k) position instead of its sorted position;
+  * LORA: before the epilogue, the low-rank term L[r] @ LB[expert(r)]^T is added, where
+    L (sorted rows, R) is the input already projected by the LoRA A factor (a thin GEMM
+    of this same kernel) and LB (E, N, R) the scaled B factor.
 """
 
 import torch
@@ -21,6 +24,8 @@ def _grouped_gemm_kernel(
     b_ptr,  # (E, N or 2N, K) through strides
     c_ptr,  # (rows of C, N)
     h_ptr,  # (sorted rows, 2N) pre-activation, written when SAVE_H
+    lora_x_ptr,  # (sorted rows, R) LoRA-projected input, read when LORA
+    lora_b_ptr,  # (E, N or 2N, R) through strides, read when LORA
     gather_ptr,  # (sorted rows,) row of A for each sorted row
     scatter_ptr,  # (sorted rows,) row of C for each sorted row
     scale_ptr,  # (rows of C,) multiplier of each output row
@@ -38,12 +43,19 @@ def _grouped_gemm_kernel(
     stride_cm,
     stride_cn,
     stride_hm,
+    R,
+    stride_lx,
+    stride_le,
+    stride_ln,
+    stride_lr,
     GATHER: tl.constexpr,
     SCATTER: tl.constexpr,
     ROW_SCALE: tl.constexpr,
     SWIGLU: tl.constexpr,
     SAVE_H: tl.constexpr,
     IEEE: tl.constexpr,
+    LORA: tl.constexpr,
+    BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -102,6 +114,27 @@ def _grouped_gemm_kernel(
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
+    if LORA:
+        offs_r = tl.arange(0, BLOCK_R)
+        r_mask = offs_r < R
+        lora_x = tl.load(
+            lora_x_ptr + rows.to(tl.int64)[:, None] * stride_lx + offs_r[None, :],
+            mask=row_mask[:, None] & r_mask[None, :],
+            other=0.0,
+        )
+        lb_ptrs = lora_b_ptr + expert.to(tl.int64) * stride_le + offs_n[None, :] * stride_ln + offs_r[:, None] * stride_lr
+        lb_mask = r_mask[:, None] & n_mask[None, :]
+        if IEEE:
+            acc = tl.dot(lora_x, tl.load(lb_ptrs, mask=lb_mask, other=0.0), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(lora_x, tl.load(lb_ptrs, mask=lb_mask, other=0.0), acc)
+        if SWIGLU:
+            lb_up = tl.load(lb_ptrs + N * stride_ln, mask=lb_mask, other=0.0)
+            if IEEE:
+                acc_up = tl.dot(lora_x, lb_up, acc_up, input_precision="ieee")
+            else:
+                acc_up = tl.dot(lora_x, lb_up, acc_up)
+
     mask = row_mask[:, None] & n_mask[None, :]
     if SWIGLU:
         # Round gate and up to the output dtype as the eager loop does; backward reads these values.
@@ -138,12 +171,15 @@ def grouped_gemm_launch(
     row_scale: torch.Tensor | None = None,
     swiglu: bool = False,
     h_out: torch.Tensor | None = None,
+    lora: tuple[torch.Tensor, torch.Tensor, bool] | None = None,
 ) -> torch.Tensor:
     """Launch the grouped GEMM into out (rows, N).
 
     a: (rows of A, K). b: (E, N, K), or (E, K, N) when b_is_kn; with swiglu (E, 2N, K).
     gather / scatter: (sorted rows,) int32 row maps; row_scale: (rows of out,).
     h_out: (sorted rows, 2N) receives (gate, up) when swiglu.
+    lora: (L, LB, lb_is_rn): L (sorted rows, R) and LB (E, N or 2N, R), or (E, R, N) when
+    lb_is_rn; adds L @ LB[e]^T to each row before the epilogue.
     """
     n_out, k_in = out.shape[1], a.shape[1]
     stride_bn, stride_bk = (b.stride(2), b.stride(1)) if b_is_kn else (b.stride(1), b.stride(2))
@@ -153,11 +189,18 @@ def grouped_gemm_launch(
     if grid[0] == 0:
         return out
     dummy = routing.sort_idx  # stands in for absent optional pointers; never read
+    lora_x, lora_b, rank, stride_le, stride_ln, stride_lr = out, out, 0, 0, 0, 0
+    if lora is not None:
+        lora_x, lora_b, lb_is_rn = lora
+        rank, stride_le = lora_x.shape[1], lora_b.stride(0)
+        stride_ln, stride_lr = (lora_b.stride(2), lora_b.stride(1)) if lb_is_rn else (lora_b.stride(1), lora_b.stride(2))
     _grouped_gemm_kernel[grid](
         a,
         b,
         out,
         h_out if h_out is not None else out,
+        lora_x,
+        lora_b,
         gather if gather is not None else dummy,
         scatter if scatter is not None else dummy,
         row_scale if row_scale is not None else out,
@@ -175,12 +218,19 @@ def grouped_gemm_launch(
         out.stride(0),
         out.stride(1),
         h_out.stride(0) if h_out is not None else 0,
+        rank,
+        lora_x.stride(0),
+        stride_le,
+        stride_ln,
+        stride_lr,
         GATHER=gather is not None,
         SCATTER=scatter is not None,
         ROW_SCALE=row_scale is not None,
         SWIGLU=swiglu,
         SAVE_H=h_out is not None,
         IEEE=a.dtype == torch.float32,
+        LORA=lora is not None,
+        BLOCK_R=max(16, triton.next_power_of_2(rank)),
         BLOCK_M=routing.block_m,
         BLOCK_N=block_n,
         BLOCK_K=config["BLOCK_K"],
