@@ -4,8 +4,9 @@ no methods but forward, helpers at module level)."""
 import torch
 from torch import nn
 
-from .checks import check_experts_inputs
+from .checks import check_experts_inputs, check_lora
 from .functional import moe_experts
+from .wrappers import is_supported, lora_factors, unwrap_experts
 
 
 def _is_silu(act_fn) -> bool:
@@ -21,25 +22,48 @@ def _autocast(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return list(tensors)
 
 
-def experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+def experts_forward(
+    self: nn.Module,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    *,
+    gate_up_lora: tuple[torch.Tensor, torch.Tensor] | None = None,
+    down_lora: tuple[torch.Tensor, torch.Tensor] | None = None,
+):
     """Transformers ExpertsInterface function for Qwen3MoeExperts.
 
     self holds gate_up_proj (E, 2I, H), down_proj (E, H, I) and act_fn (SiLU).
     hidden_states (T, H), top_k_index (T, K), top_k_weights (T, K) -> (T, H).
     Expert ids outside [0, E) (expert-parallel sentinels) contribute zero.
+    gate_up_lora / down_lora: optional (A (E, R, in), B (E, out, R)), scaling folded into B.
     """
     if not _is_silu(self.act_fn):
         raise ValueError(
             f"qwen3_moe_fused supports only the SiLU activation (hidden_act='silu'), got {type(self.act_fn).__name__}"
         )
-    x, gate_up, down = _autocast(hidden_states, self.gate_up_proj, self.down_proj)
+    lora = [t for pair in (gate_up_lora, down_lora) if pair is not None for t in pair]
+    x, gate_up, down, *lora = _autocast(hidden_states, self.gate_up_proj, self.down_proj, *lora)
+    gate_up_lora = (lora.pop(0), lora.pop(0)) if gate_up_lora is not None else None
+    down_lora = (lora.pop(0), lora.pop(0)) if down_lora is not None else None
     check_experts_inputs(x, gate_up, down, top_k_index, top_k_weights)
-    return moe_experts(x, gate_up, down, top_k_index, top_k_weights).to(hidden_states.dtype)
+    check_lora("gate_up_lora", gate_up_lora, gate_up)
+    check_lora("down_lora", down_lora, down)
+    out = moe_experts(x, gate_up, down, top_k_index, top_k_weights, gate_up_lora, down_lora)
+    return out.to(hidden_states.dtype)
 
 
-def _has_plain_expert_weights(experts: nn.Module) -> bool:
-    # PEFT wraps the experts (base_layer); those keep their own forward until the LoRA path lands.
-    return isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor) and not hasattr(experts, "base_layer")
+def _fused_experts(experts: nn.Module, x, top_k_index, top_k_weights):
+    """Our experts forward, with PEFT's LoRA on the expert tensors computed inside the GEMMs;
+    None when the experts are wrapped in something this path does not model."""
+    base, wrappers = unwrap_experts(experts)
+    if not isinstance(getattr(base, "gate_up_proj", None), torch.Tensor) or hasattr(base, "base_layer"):
+        return None
+    if not set(wrappers) <= {"gate_up_proj", "down_proj"} or not all(map(is_supported, wrappers.values())):
+        return None
+    gate_up_lora = lora_factors(wrappers.get("gate_up_proj"), base.gate_up_proj)
+    down_lora = lora_factors(wrappers.get("down_proj"), base.down_proj)
+    return experts_forward(base, x, top_k_index, top_k_weights, gate_up_lora=gate_up_lora, down_lora=down_lora)
 
 
 class Qwen3MoeSparseMoeBlock(nn.Module):
@@ -56,8 +80,7 @@ class Qwen3MoeSparseMoeBlock(nn.Module):
         x = hidden_states.reshape(-1, hidden)
         # Calling self.gate keeps the router-logit hooks (output_router_logits, aux_loss) working.
         _, routing_weights, selected_experts = self.gate(x)
-        if _has_plain_expert_weights(self.experts):
-            out = experts_forward(self.experts, x, selected_experts, routing_weights)
-        else:
+        out = _fused_experts(self.experts, x, selected_experts, routing_weights)
+        if out is None:  # experts wrapped in something else: their own forward
             out = self.experts(x, selected_experts, routing_weights)
         return out.reshape(batch, seq_len, hidden)
