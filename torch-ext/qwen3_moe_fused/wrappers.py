@@ -51,4 +51,6 @@ def lora_factors(wrapper: nn.Module | None, weight: torch.Tensor) -> tuple[torch
         factors_a.append(lora_a.view(num_experts, rank, in_features))
         lora_b = wrapper.lora_B[name].weight.view(out_features, rank, num_experts)
         factors_b.append(lora_b.permute(2, 0, 1) * wrapper.scaling[name])
-    return torch.cat(factors_a, dim=1).to(weight.dtype), torch.cat(factors_b, dim=2).to(weight.dtype)
+    # Contiguous B: the GEMM epilogue reads (R, BLOCK_N) tiles of it per expert.
+    lora_a = torch.cat(factors_a, dim=1).to(weight.dtype)
+    return lora_a, torch.cat(factors_b, dim=2).to(weight.dtype).contiguous()
