@@ -3,6 +3,16 @@
 from . import layers
 from .functional import grouped_gemm, moe_experts_forward
 from .layers import experts_forward
+from .lora_convert import lora_from_per_expert, lora_to_per_expert
 from .routing import Routing, route
 
-__all__ = ["layers", "moe_experts_forward", "experts_forward", "grouped_gemm", "route", "Routing"]
+__all__ = [
+    "layers",
+    "moe_experts_forward",
+    "experts_forward",
+    "grouped_gemm",
+    "route",
+    "Routing",
+    "lora_to_per_expert",
+    "lora_from_per_expert",
+]
