@@ -42,10 +42,8 @@ def experts_forward(
         raise ValueError(
             f"qwen3_moe_fused supports only the SiLU activation (hidden_act='silu'), got {type(self.act_fn).__name__}"
         )
-    lora = [t for pair in (gate_up_lora, down_lora) if pair is not None for t in pair]
-    x, gate_up, down, *lora = _autocast(hidden_states, self.gate_up_proj, self.down_proj, *lora)
-    gate_up_lora = (lora.pop(0), lora.pop(0)) if gate_up_lora is not None else None
-    down_lora = (lora.pop(0), lora.pop(0)) if down_lora is not None else None
+    x, gate_up, down = _autocast(hidden_states, self.gate_up_proj, self.down_proj)
+    gate_up_lora, down_lora = (None if lora is None else tuple(_autocast(*lora)) for lora in (gate_up_lora, down_lora))
     check_experts_inputs(x, gate_up, down, top_k_index, top_k_weights)
     check_lora("gate_up_lora", gate_up_lora, gate_up)
     check_lora("down_lora", down_lora, down)
