@@ -25,6 +25,7 @@ from qwen3_moe_fused.grouped_gemm import grouped_dw_launch, grouped_gemm_launch 
 
 SHAPES = {"qwen3-30b-a3b": (2048, 768), "qwen3-235b-a22b": (4096, 1536)}  # (H, I)
 NUM_EXPERTS, TOP_K = 128, 8
+LORA_RANK = 16
 
 
 def gemm_candidates(block_m: int, swiglu: bool):
@@ -39,6 +40,12 @@ def gemm_candidates(block_m: int, swiglu: bool):
         smem = stages * (block_m * block_k + block_k * block_n * (2 if swiglu else 1)) * 2
         if smem <= 220 * 1024 and not (swiglu and block_n > 128):
             yield dict(BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=warps, num_stages=stages)
+
+
+def lora_candidates():
+    for block_n, block_k, warps, stages in [(16, 64, 4, 3), (16, 128, 4, 3), (32, 64, 4, 3), (32, 128, 4, 3),
+                                            (16, 256, 4, 2), (32, 128, 8, 4)]:  # fmt: skip
+        yield dict(BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=warps, num_stages=stages)
 
 
 def dw_candidates():
@@ -96,6 +103,14 @@ def tune_shape(hidden, inter, num_tokens, configs, log):
     for kind, (n, k, swiglu, launch) in routed.items():
         key = tuning.gemm_key(kind, n, k, block_m)
         configs[key] = best(f"{key} T={num_tokens}", launch, gemm_candidates(block_m, swiglu), log)
+    # Thin LoRA projections (rank LORA_RANK) of the token rows and of the activations.
+    for k, a_in, gather in ((hidden, x, r.sorted_token), (inter, act, None)):
+        lora_a = torch.randn(NUM_EXPERTS, LORA_RANK, k, device=dev, dtype=torch.bfloat16)
+        projected = torch.empty(num_rows, LORA_RANK, device=dev, dtype=torch.bfloat16)
+        key = tuning.gemm_key("lora", LORA_RANK, k, block_m)
+        launch = lambda c, a_in=a_in, lora_a=lora_a, gather=gather, projected=projected: grouped_gemm_launch(  # noqa: E731
+            a_in, lora_a, projected, r, c, gather=gather)
+        configs[key] = best(f"{key} T={num_tokens}", launch, lora_candidates(), log)
     if block_m <= 32:  # decode: no backward
         return
     d_down, d_gate_up = torch.empty_like(down), torch.empty_like(gate_up)
