@@ -1,4 +1,4 @@
-"""qwen3-moe-fused: Triton kernels for the Qwen3 MoE block (Transformers + PEFT + bitsandbytes)."""
+"""qwen3-moe-fused: Triton kernels for the Qwen3 MoE block (Transformers, PEFT LoRA on the experts)."""
 
 from . import layers
 from .functional import grouped_gemm, moe_experts_forward
