@@ -13,8 +13,13 @@
     kernel-builder.lib.genKernelFlakeOutputs {
       inherit self;
       path = ./.;
-      # The `ci-test` output runs `pytest -m kernels_ci tests` with torch,
-      # pytest and kernels only; list here any other package those tests need,
-      # e.g. `pythonCheckInputs = ps: with ps; [ transformers ];`.
+      # Packages the `kernels_ci` tests need beyond torch, pytest and kernels
+      # (the model-level tests load tiny Qwen3 MoE checkpoints with PEFT adapters).
+      pythonCheckInputs =
+        ps: with ps; [
+          transformers
+          peft
+          safetensors
+        ];
     };
 }
