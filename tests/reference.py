@@ -40,3 +40,21 @@ def random_routing(num_tokens, num_experts, top_k, mode="random", device="cpu", 
     probs = logits.softmax(-1)
     weights, ids = probs.topk(top_k, dim=-1)
     return ids, weights / weights.sum(-1, keepdim=True)
+
+
+def moe_experts_lora_reference(x, gate_up, down, top_k_index, top_k_weights, gate_up_lora=None, down_lora=None):
+    """Dense float64: every expert (base + LoRA, the LoRA as x·Aᵀ·Bᵀ beside the base GEMM) on
+    every token, then the top-k rows weighted. A (E, r, in), B (E, out, r), scaling inside B."""
+    x, gate_up, down, top_k_weights = (t.double() for t in (x, gate_up, down, top_k_weights))
+    h = torch.einsum("th,eoh->teo", x, gate_up)  # (T, E, 2I)
+    if gate_up_lora is not None:
+        a, b = (t.double() for t in gate_up_lora)
+        h = h + torch.einsum("ter,eor->teo", torch.einsum("th,erh->ter", x, a), b)
+    gate, up = h.chunk(2, dim=-1)
+    act = F.silu(gate) * up  # (T, E, I)
+    y = torch.einsum("tei,ehi->teh", act, down)  # (T, E, H)
+    if down_lora is not None:
+        a, b = (t.double() for t in down_lora)
+        y = y + torch.einsum("ter,ehr->teh", torch.einsum("tei,eri->ter", act, a), b)
+    picked = y.gather(1, top_k_index.long()[..., None].expand(-1, -1, x.shape[1]))  # (T, K, H)
+    return (picked * top_k_weights[..., None]).sum(1)

@@ -32,8 +32,9 @@ def _transformers_experts(impl, gate_up, down):
     return experts
 
 
-def _grads(fn, x, gate_up, down, ids, weights, grad_out):
-    leaves = [t.detach().clone().requires_grad_() for t in (x, gate_up, down, weights)]
+def _grads(fn, x, gate_up, down, ids, weights, grad_out, dtype=None):
+    """Output and gradients of x, gate_up, down, weights; leaves cast to dtype if given (float64 reference)."""
+    leaves = [t.detach().to(dtype or t.dtype).requires_grad_() for t in (x, gate_up, down, weights)]
     out = fn(leaves[0], leaves[1], leaves[2], ids, leaves[3])
     out.backward(grad_out.to(out.dtype))
     return [out] + [t.grad for t in leaves]
@@ -45,7 +46,7 @@ def test_block_bf16_vs_float64_and_grouped_mm(kernel, num_tokens, mode):
     x, gate_up, down, ids, weights = _inputs(num_tokens, **QWEN3_30B, mode=mode)
     grad_out = torch.randn_like(x)
     ours = _grads(kernel.moe_experts_forward, x, gate_up, down, ids, weights, grad_out)
-    ref = _grads(moe_experts_reference, x, gate_up, down, ids, weights, grad_out)
+    ref = _grads(moe_experts_reference, x, gate_up, down, ids, weights, grad_out, torch.float64)
     with torch.no_grad():
         grouped_mm = _transformers_experts("grouped_mm", gate_up, down)(x, ids, weights)
         eager = _transformers_experts("eager", gate_up, down)(x, ids, weights)
@@ -64,7 +65,7 @@ def test_odd_shapes_bf16(kernel):
     x, gate_up, down, ids, weights = _inputs(333, hidden=1000, inter=350, num_experts=60, top_k=6)
     grad_out = torch.randn_like(x)
     ours = _grads(kernel.moe_experts_forward, x, gate_up, down, ids, weights, grad_out)
-    ref = _grads(moe_experts_reference, x, gate_up, down, ids, weights, grad_out)
+    ref = _grads(moe_experts_reference, x, gate_up, down, ids, weights, grad_out, torch.float64)
     for a, b in zip(ours, ref):
         assert rel_err(a, b) < 8e-3
 
@@ -157,6 +158,45 @@ def test_lora_bf16(kernel, num_tokens):
     ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
     ref = _lora_reference(ref_leaves[0], gate_up, down, ids, weights, ref_leaves[1:3], ref_leaves[3:5])
     ref_grads = torch.autograd.grad(ref, ref_leaves, grad_out.double())
+    assert rel_err(out, ref) < 8e-3
+    for name, a, b in zip(("x", "gate_up A", "gate_up B", "down A", "down B"), grads, ref_grads):
+        assert rel_err(a, b) < 1e-2, name
+
+
+@pytest.mark.parametrize("num_tokens", [1, 512, 4096])
+@pytest.mark.parametrize("path", ["fused", "dequantize-first"])
+def test_4bit_bf16(kernel, monkeypatch, num_tokens, path):
+    """4-bit experts (quantize_experts_4bit) + LoRA r = 16, bf16, 30B-A3B shape: output and
+    gradients against float64 on bitsandbytes' dequantized weights, both 4-bit paths."""
+    from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+
+    threshold = 0 if path == "dequantize-first" else 10**9
+    monkeypatch.setattr(kernel.tuning, "DEQUANTIZE_FIRST_ROWS_PER_EXPERT", threshold)
+    x, gate_up, down, ids, weights = _inputs(num_tokens, **QWEN3_30B)
+    experts = torch.nn.Module()
+    experts.gate_up_proj = torch.nn.Parameter(gate_up.clone(), requires_grad=False)
+    experts.down_proj = torch.nn.Parameter(down.clone(), requires_grad=False)
+    kernel.quantize_experts_4bit(experts)
+    dense = [dequantize_4bit(*quantize_4bit(w, blocksize=64, quant_type="nf4"), quant_type="nf4") for w in (gate_up, down)]
+    num_experts, hidden, inter, rank = QWEN3_30B["num_experts"], QWEN3_30B["hidden"], QWEN3_30B["inter"], 16
+    g = torch.Generator().manual_seed(2)
+
+    def factor(*shape, fan_in):
+        return (torch.randn(*shape, generator=g) * fan_in**-0.5).to(torch.bfloat16).cuda().requires_grad_()
+
+    gate_up_lora = (factor(num_experts, rank, hidden, fan_in=hidden), factor(num_experts, 2 * inter, rank, fan_in=rank))
+    down_lora = (factor(num_experts, rank, inter, fan_in=inter), factor(num_experts, hidden, rank, fan_in=rank))
+    x.requires_grad_()
+    out = kernel.moe_experts_forward(x, experts.gate_up_proj, experts.down_proj, ids, weights,
+                                     gate_up_lora=gate_up_lora, down_lora=down_lora)  # fmt: skip
+    leaves = [x, *gate_up_lora, *down_lora]
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref = _lora_reference(ref_leaves[0], *dense, ids, weights, ref_leaves[1:3], ref_leaves[3:5])
+    ref_grads = torch.autograd.grad(ref, ref_leaves, grad_out.double())
+    print(f"\n4-bit {path} T={num_tokens}: rel err out {rel_err(out, ref):.2e}, grads "
+          + " ".join(f"{rel_err(a, b):.2e}" for a, b in zip(grads, ref_grads)))  # fmt: skip
     assert rel_err(out, ref) < 8e-3
     for name, a, b in zip(("x", "gate_up A", "gate_up B", "down A", "down B"), grads, ref_grads):
         assert rel_err(a, b) < 1e-2, name

@@ -4,6 +4,7 @@ from . import layers
 from .functional import grouped_gemm, moe_experts_forward
 from .layers import experts_forward
 from .lora_convert import lora_from_per_expert, lora_to_per_expert
+from .quant import dequantize_experts_4bit, quantize_experts_4bit
 from .routing import Routing, route
 
 __all__ = [
@@ -15,4 +16,6 @@ __all__ = [
     "Routing",
     "lora_to_per_expert",
     "lora_from_per_expert",
+    "quantize_experts_4bit",
+    "dequantize_experts_4bit",
 ]

@@ -2,6 +2,8 @@
 
 import torch
 
+from .quant import nf4_weight
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -37,6 +39,15 @@ def check_expert_ids(top_k_index: torch.Tensor, num_experts: int) -> None:
     lo, hi = torch.stack([lo, hi]).tolist()  # one synchronization
     if lo < 0 or hi >= num_experts:
         raise ValueError(f"top_k_index holds expert ids in [{lo}, {hi}], outside [0, {num_experts})")
+
+
+def weight_like(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """What checks see of an expert weight: itself, or for a 4-bit one a zero-memory stand-in
+    with its dense shape, in dtype (the kernels dequantize it to the input's dtype)."""
+    quantized = nf4_weight(weight)
+    if quantized is None:
+        return weight
+    return torch.empty((), dtype=dtype, device=weight.device).expand(quantized.shape)
 
 
 def check_experts_inputs(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights) -> None:

@@ -11,11 +11,12 @@ from torch import Tensor
 
 from ._ops import add_op_namespace_prefix
 from .activation import swiglu_backward_launch
-from .checks import check_expert_ids, check_experts_inputs, check_grouped_gemm_inputs, check_lora
+from .checks import check_expert_ids, check_experts_inputs, check_grouped_gemm_inputs, check_lora, weight_like
 from .combine import combine_launch
 from .grouped_gemm import grouped_dw_launch, grouped_gemm_launch
+from .quant import dequantize_nf4, nf4_views, nf4_weight
 from .routing import Routing, max_tiles, route, route_from_counts
-from .tuning import INTERPRET, block_m_for, dw_config, gemm_config, rows_block
+from .tuning import INTERPRET, block_m_for, dequantize_first, dw_config, gemm_config, rows_block
 
 
 def _use_triton(t: Tensor) -> bool:
@@ -31,6 +32,31 @@ def _routing(tensors: list[Tensor], block_m: int) -> Routing:
 # LoRA on the experts: for a weight W (E, out, in), A (E, R, in) and B (E, out, R) with the
 # scaling folded into B; a routed row x gets W[e] x + B[e] (A[e] x). The ops take the four
 # factors as optional inputs; "L" below is a row projected by A (a thin grouped GEMM).
+#
+# 4-bit experts: gate_up and down are then the 1-D uint8 storage of quant/experts.py and
+# nf4 = [E, I, blocksize] (empty for dense weights). The GEMMs dequantize in their B-load,
+# or, with many rows per expert, the weights are dequantized first (tuning.dequantize_first).
+
+
+def _shapes(x, gate_up, down, nf4):
+    """-> (E, I) of the experts."""
+    return (nf4[0], nf4[1]) if nf4 else (gate_up.shape[0], down.shape[2])
+
+
+def _operands(x, gate_up, down, nf4, num_rows):
+    """The experts' weights as GEMM operands: dense tensors or Nf4Weight views."""
+    if not nf4:
+        return gate_up, down
+    (num_experts, inter, blocksize), hidden = nf4, x.shape[1]
+    gate_up = nf4_views(gate_up, (num_experts, 2 * inter, hidden), x.dtype, blocksize)
+    down = nf4_views(down, (num_experts, hidden, inter), x.dtype, blocksize)
+    if dequantize_first(num_rows, num_experts):
+        return _dequantized(gate_up, x.dtype), _dequantized(down, x.dtype)
+    return gate_up, down
+
+
+def _dequantized(weight, dtype):
+    return dequantize_nf4(weight.codes, weight.absmax, weight.shape, dtype, weight.blocksize)
 
 
 def _experts_torch(x, gate_up, down, top_k_index, top_k_weights, lora):
@@ -76,16 +102,19 @@ def experts_fwd_op(
     gate_up_b: Tensor | None,
     down_a: Tensor | None,
     down_b: Tensor | None,
+    nf4: list[int],
     block_m: int,
     save_h: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> out (T, H); the pre-activation h (T*K, 2I) in sorted order when save_h (else empty);
     the routing (sort_idx, sorted_token, expert_offsets, tile_expert, tile_row_start) that
     the backward reuses."""
-    r = route(top_k_index, gate_up.shape[0], block_m, True)
+    num_experts, inter = _shapes(x, gate_up, down, nf4)
+    r = route(top_k_index, num_experts, block_m, True)
     weights_flat = top_k_weights.reshape(-1)
     num_tokens, hidden = x.shape
-    num_rows, inter = top_k_index.numel(), down.shape[2]
+    num_rows = top_k_index.numel()
+    gate_up, down = _operands(x, gate_up, down, nf4, num_rows)
     act = x.new_empty(num_rows, inter)
     h = x.new_empty(num_rows, 2 * inter) if save_h else x.new_empty(0)
     lora = None
@@ -102,14 +131,14 @@ def experts_fwd_op(
         scatter=r.sort_idx, row_scale=weights_flat, lora=lora,
     )  # fmt: skip
     out = x.new_empty(num_tokens, hidden)
-    combine_launch(rows, top_k_index, gate_up.shape[0], out)
+    combine_launch(rows, top_k_index, num_experts, out)
     return out, h, *r[:5]
 
 
 @experts_fwd_op.register_fake
-def _(x, gate_up, down, top_k_index, top_k_weights, gate_up_a, gate_up_b, down_a, down_b, block_m, save_h):
-    num_rows, num_experts = top_k_index.numel(), gate_up.shape[0]
-    h = x.new_empty(num_rows, gate_up.shape[1]) if save_h else x.new_empty(0)
+def _(x, gate_up, down, top_k_index, top_k_weights, gate_up_a, gate_up_b, down_a, down_b, nf4, block_m, save_h):
+    num_rows, (num_experts, inter) = top_k_index.numel(), _shapes(x, gate_up, down, nf4)
+    h = x.new_empty(num_rows, 2 * inter) if save_h else x.new_empty(0)
     n_tiles = max_tiles(num_rows, num_experts, block_m)
     index = [x.new_empty(n, dtype=torch.int32) for n in (num_rows, num_rows, num_experts + 1, n_tiles, n_tiles)]
     return torch.empty_like(x), h, *index
@@ -129,6 +158,7 @@ def experts_bwd_op(
     down_b: Tensor | None,
     h: Tensor,
     routing: list[Tensor],
+    nf4: list[int],
     block_m: int,
     need_dx: bool,
     need_dgate_up: bool,
@@ -140,8 +170,9 @@ def experts_bwd_op(
     r = _routing(routing, block_m)
     weights_flat = top_k_weights.reshape(-1)
     grad_out = grad_out.to(x.dtype).contiguous()
-    num_rows, inter = top_k_index.numel(), down.shape[2]
-    hidden = x.shape[1]
+    num_experts, inter = _shapes(x, gate_up, down, nf4)
+    num_rows, hidden = top_k_index.numel(), x.shape[1]
+    gate_up, down = _operands(x, gate_up, down, nf4, num_rows)
     # Outputs of a custom op may not alias each other: one empty tensor each.
     dx, dgate_up, ddown, dgate_up_a, dgate_up_b, ddown_a, ddown_b = (x.new_empty(0) for _ in range(7))
 
@@ -180,7 +211,7 @@ def experts_bwd_op(
         cfg = gemm_config("gate_up_dx", hidden, 2 * inter, block_m, x.device)
         grouped_gemm_launch(dh, gate_up, rows, r, cfg, b_is_kn=True, scatter=r.sort_idx, lora=lora)
         dx = torch.empty_like(x)
-        combine_launch(rows, top_k_index, gate_up.shape[0], dx)
+        combine_launch(rows, top_k_index, num_experts, dx)
         del rows
     if gate_up_a is not None and need_lora:
         dgate_up_a = torch.empty(gate_up_a.shape, dtype=gate_up_a.dtype, device=x.device)
@@ -198,7 +229,7 @@ def experts_bwd_op(
 
 @experts_bwd_op.register_fake
 def _(grad_out, x, gate_up, down, top_k_index, top_k_weights, gate_up_a, gate_up_b, down_a, down_b, h, routing,
-      block_m, need_dx, need_dgate_up, need_ddown, need_lora):  # fmt: skip
+      nf4, block_m, need_dx, need_dgate_up, need_ddown, need_lora):  # fmt: skip
     def like(t, needed):
         return torch.empty_like(t) if needed and t is not None else x.new_empty(0)
 
@@ -209,11 +240,11 @@ def _(grad_out, x, gate_up, down, top_k_index, top_k_weights, gate_up_a, gate_up
 
 
 def _experts_setup_context(ctx, inputs, output):
-    x, gate_up, down, top_k_index, top_k_weights, gate_up_a, gate_up_b, down_a, down_b, block_m, save_h = inputs
+    x, gate_up, down, top_k_index, top_k_weights, gate_up_a, gate_up_b, down_a, down_b, nf4, block_m, save_h = inputs
     out, h, *routing = output
     ctx.mark_non_differentiable(h, *routing)
     ctx.save_for_backward(x, gate_up, down, top_k_index, top_k_weights, gate_up_a, gate_up_b, down_a, down_b, h, *routing)
-    ctx.block_m = block_m
+    ctx.nf4, ctx.block_m = nf4, block_m
 
 
 def _experts_backward(ctx, grad_out, *unused_grads):
@@ -224,7 +255,7 @@ def _experts_backward(ctx, grad_out, *unused_grads):
     need_lora = any(need[5:9])
     grads = experts_bwd_op(
         grad_out, x, gate_up, down, top_k_index, top_k_weights, gate_up_a, gate_up_b, down_a, down_b, h, routing,
-        ctx.block_m, need[0], need[1], need[2], need_lora,
+        ctx.nf4, ctx.block_m, need[0], need[1], need[2], need_lora,
     )  # fmt: skip
     dx, dgate_up, ddown, dweights, *dlora = grads
     dlora = [d if n else None for d, n in zip(dlora, need[5:9])]
@@ -237,21 +268,37 @@ def _experts_backward(ctx, grad_out, *unused_grads):
         *dlora,
         None,
         None,
+        None,
     )
 
 
 torch.library.register_autograd(experts_fwd_op, _experts_backward, setup_context=_experts_setup_context)
 
 
+def _nf4_spec(x, gate_up, down) -> list[int]:
+    """[E, I, blocksize] when the experts' weights are our 4-bit tensors, [] when dense."""
+    gate_up_q, down_q = nf4_weight(gate_up), nf4_weight(down)
+    if gate_up_q is None and down_q is None:
+        return []
+    if gate_up_q is None or down_q is None or gate_up_q.blocksize != down_q.blocksize:
+        raise ValueError("qwen3_moe_fused: gate_up_proj and down_proj must both be 4-bit, with one blocksize "
+                         "(use quantize_experts_4bit on the model)")  # fmt: skip
+    return [gate_up_q.shape[0], down_q.shape[2], gate_up_q.blocksize]
+
+
 def moe_experts(x, gate_up, down, top_k_index, top_k_weights, gate_up_lora=None, down_lora=None) -> Tensor:
-    """The experts' forward on checked inputs: x (T, H) -> (T, H). Ids outside [0, E) contribute zero."""
+    """The experts' forward on checked inputs: x (T, H) -> (T, H). Ids outside [0, E) contribute zero.
+    gate_up / down: dense (E, 2I, H) / (E, H, I), or both 4-bit (quant/experts.py)."""
     lora = (*(gate_up_lora or (None, None)), *(down_lora or (None, None)))
+    nf4 = _nf4_spec(x, gate_up, down)
     if not _use_triton(x):
+        if nf4:
+            gate_up, down = (_dequantized(nf4_weight(w), x.dtype) for w in (gate_up, down))
         return _experts_torch(x, gate_up, down, top_k_index, top_k_weights, lora)
-    block_m = block_m_for(top_k_index.numel(), gate_up.shape[0])
+    block_m = block_m_for(top_k_index.numel(), _shapes(x, gate_up, down, nf4)[0])
     inputs = (x.contiguous(), gate_up, down, top_k_index.contiguous(), top_k_weights.contiguous(), *lora)
     save_h = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
-    return experts_fwd_op(*inputs, block_m, save_h)[0]
+    return experts_fwd_op(*inputs, nf4, block_m, save_h)[0]
 
 
 def moe_experts_forward(
@@ -269,7 +316,8 @@ def moe_experts_forward(
 
     hidden_states (T, H), gate_up_proj (E, 2I, H) with gate rows first, down_proj (E, H, I),
     top_k_index (T, K) int, top_k_weights (T, K). Returns (T, H); differentiable in all
-    floating inputs.
+    floating inputs. gate_up_proj / down_proj may both be 4-bit (quantize_experts_4bit):
+    frozen, dequantized to hidden_states' dtype inside the GEMMs.
 
     gate_up_lora / down_lora: LoRA on the expert weights, (A, B) with A (E, R, in) and
     B (E, out, R), the LoRA scaling already multiplied into B: W[e] becomes W[e] + B[e] A[e]
@@ -279,9 +327,10 @@ def moe_experts_forward(
     ValueError (one device synchronization; skipped while compiling or capturing a CUDA
     graph). With check_ids=False nothing synchronizes and such ids contribute zero.
     """
-    check_experts_inputs(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights)
-    check_lora("gate_up_lora", gate_up_lora, gate_up_proj)
-    check_lora("down_lora", down_lora, down_proj)
+    gate_up_like, down_like = (weight_like(w, hidden_states.dtype) for w in (gate_up_proj, down_proj))
+    check_experts_inputs(hidden_states, gate_up_like, down_like, top_k_index, top_k_weights)
+    check_lora("gate_up_lora", gate_up_lora, gate_up_like)
+    check_lora("down_lora", down_lora, down_like)
     if check_ids:
         check_expert_ids(top_k_index, gate_up_proj.shape[0])
     return moe_experts(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights, gate_up_lora, down_lora)

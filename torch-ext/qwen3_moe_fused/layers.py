@@ -4,8 +4,9 @@ no methods but forward, helpers at module level)."""
 import torch
 from torch import nn
 
-from .checks import check_experts_inputs, check_lora
+from .checks import check_experts_inputs, check_lora, weight_like
 from .functional import moe_experts
+from .quant import is_quantized
 from .wrappers import is_supported, lora_factors, unwrap_experts
 
 
@@ -14,11 +15,12 @@ def _is_silu(act_fn) -> bool:
 
 
 def _autocast(*tensors: torch.Tensor) -> list[torch.Tensor]:
-    """Cast to the autocast dtype where autocast is on, as F.linear in the eager loop would."""
+    """Cast to the autocast dtype where autocast is on, as F.linear in the eager loop would
+    (4-bit weights are dequantized to the input's dtype by the kernels)."""
     device_type = tensors[0].device.type
     if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
-        return [t.to(dtype) for t in tensors]
+        return [t if is_quantized(t) else t.to(dtype) for t in tensors]
     return list(tensors)
 
 
@@ -33,7 +35,8 @@ def experts_forward(
 ):
     """Transformers ExpertsInterface function for Qwen3MoeExperts.
 
-    self holds gate_up_proj (E, 2I, H), down_proj (E, H, I) and act_fn (SiLU).
+    self holds gate_up_proj (E, 2I, H), down_proj (E, H, I) (dense, or both 4-bit from
+    quantize_experts_4bit) and act_fn (SiLU).
     hidden_states (T, H), top_k_index (T, K), top_k_weights (T, K) -> (T, H).
     Expert ids outside [0, E) (expert-parallel sentinels) contribute zero.
     gate_up_lora / down_lora: optional (A (E, R, in), B (E, out, R)), scaling folded into B.
@@ -44,9 +47,10 @@ def experts_forward(
         )
     x, gate_up, down = _autocast(hidden_states, self.gate_up_proj, self.down_proj)
     gate_up_lora, down_lora = (None if lora is None else tuple(_autocast(*lora)) for lora in (gate_up_lora, down_lora))
-    check_experts_inputs(x, gate_up, down, top_k_index, top_k_weights)
-    check_lora("gate_up_lora", gate_up_lora, gate_up)
-    check_lora("down_lora", down_lora, down)
+    gate_up_like, down_like = weight_like(gate_up, x.dtype), weight_like(down, x.dtype)
+    check_experts_inputs(x, gate_up_like, down_like, top_k_index, top_k_weights)
+    check_lora("gate_up_lora", gate_up_lora, gate_up_like)
+    check_lora("down_lora", down_lora, down_like)
     out = moe_experts(x, gate_up, down, top_k_index, top_k_weights, gate_up_lora, down_lora)
     return out.to(hidden_states.dtype)
 

@@ -57,6 +57,16 @@ def block_m_for(num_rows: int, num_experts: int) -> int:
     return 128
 
 
+def dequantize_first(num_rows: int, num_experts: int) -> bool:
+    """4-bit experts: dequantize all weights, then run the 16-bit GEMMs, when there are this
+    many rows per expert (the dequantization is then a small part of the GEMM time); below,
+    the GEMMs dequantize B tiles in their loads and read a quarter of the bytes."""
+    return num_rows >= DEQUANTIZE_FIRST_ROWS_PER_EXPERT * num_experts
+
+
+DEQUANTIZE_FIRST_ROWS_PER_EXPERT = 256
+
+
 def default_gemm_config(kind: str, block_m: int) -> dict:
     if INTERPRET:
         return dict(BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)

@@ -10,6 +10,8 @@ and the adapter state (`active_adapters`, `disable_adapters`, `merged`).
 import torch
 from torch import nn
 
+from .quant import nf4_weight
+
 
 def unwrap_experts(experts: nn.Module) -> tuple[nn.Module, dict[str, nn.Module]]:
     """-> (the innermost experts module, {parameter name: PEFT wrapper})."""
@@ -43,7 +45,9 @@ def lora_factors(wrapper: nn.Module | None, weight: torch.Tensor) -> tuple[torch
     adapters = [name for name in wrapper.active_adapters if name in wrapper.lora_A]
     if wrapper.merged or not adapters:
         return None
-    num_experts, out_features, in_features = weight.shape
+    quantized = nf4_weight(weight)  # 4-bit: its dense shape and the dtype it was quantized from
+    num_experts, out_features, in_features = weight.shape if quantized is None else quantized.shape
+    dtype = weight.dtype if quantized is None else quantized.dtype
     factors_a, factors_b = [], []
     for name in adapters:
         lora_a = wrapper.lora_A[name].weight
@@ -51,6 +55,7 @@ def lora_factors(wrapper: nn.Module | None, weight: torch.Tensor) -> tuple[torch
         factors_a.append(lora_a.view(num_experts, rank, in_features))
         lora_b = wrapper.lora_B[name].weight.view(out_features, rank, num_experts)
         factors_b.append(lora_b.permute(2, 0, 1) * wrapper.scaling[name])
+    if len(adapters) > 1:
+        factors_a, factors_b = [torch.cat(factors_a, dim=1)], [torch.cat(factors_b, dim=2)]
     # Contiguous B: the GEMM epilogue reads (R, BLOCK_N) tiles of it per expert.
-    lora_a = torch.cat(factors_a, dim=1).to(weight.dtype)
-    return lora_a, torch.cat(factors_b, dim=2).to(weight.dtype).contiguous()
+    return factors_a[0].to(dtype), factors_b[0].to(dtype, memory_format=torch.contiguous_format)

@@ -8,20 +8,40 @@ One kernel serves the forward GEMMs and the dX GEMMs of the backward:
     writes it to its (token, k) position instead of its sorted position;
   * LORA: before the epilogue, the low-rank term L[r] @ LB[expert(r)]^T is added, where
     L (sorted rows, R) is the input already projected by the LoRA A factor (a thin GEMM
-    of this same kernel) and LB (E, N, R) the scaled B factor.
+    of this same kernel) and LB (E, N, R) the scaled B factor;
+  * NF4: B is 4-bit (bitsandbytes NF4: packed codes and per-block absmax over the flat
+    index of the dense (E, rows, cols) tensor) and is dequantized in the load, to the
+    values bitsandbytes' dequantize_4bit gives.
 """
 
 import torch
 import triton
 import triton.language as tl
 
+from ..quant import Nf4Weight, nf4_code_table
 from ..routing import Routing
+
+
+@triton.jit
+def _load_b(b_ptr, absmax_ptr, code_ptr, offs, mask, NF4: tl.constexpr, QBLOCK: tl.constexpr, dtype: tl.constexpr):
+    """B elements at flat offsets offs; for NF4 the byte offs // 2 holds element offs in its
+    high nibble when offs is even, low nibble when odd; value = code * absmax of its block."""
+    if NF4:
+        byte = tl.load(b_ptr + (offs >> 1), mask=mask, other=0).to(tl.int32)
+        nibble = tl.where((offs & 1) == 0, byte >> 4, byte & 15)
+        code = tl.load(code_ptr + nibble)
+        scale = tl.load(absmax_ptr + offs // QBLOCK, mask=mask, other=0.0)
+        return (code * scale).to(dtype)
+    else:
+        return tl.load(b_ptr + offs, mask=mask, other=0.0)
 
 
 @triton.jit
 def _grouped_gemm_kernel(
     a_ptr,  # (rows of A, K)
-    b_ptr,  # (E, N or 2N, K) through strides
+    b_ptr,  # (E, N or 2N, K) through strides; NF4: the packed codes
+    absmax_ptr,  # NF4: per-block absmax (float32)
+    code_ptr,  # NF4: the 16 code values (float32)
     c_ptr,  # (rows of C, N)
     h_ptr,  # (sorted rows, 2N) pre-activation, written when SAVE_H
     lora_x_ptr,  # (sorted rows, R) LoRA-projected input, read when LORA
@@ -55,6 +75,8 @@ def _grouped_gemm_kernel(
     SAVE_H: tl.constexpr,
     IEEE: tl.constexpr,
     LORA: tl.constexpr,
+    NF4: tl.constexpr,
+    QBLOCK: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -86,33 +108,28 @@ def _grouped_gemm_kernel(
     n_mask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = (
-        b_ptr
-        + expert.to(tl.int64) * stride_be
-        + offs_n[None, :].to(tl.int64) * stride_bn
-        + offs_k[:, None] * stride_bk
-    )
+    # Offsets into B in elements (int64: an expert stack can pass 2**31 elements).
+    b_offs = expert.to(tl.int64) * stride_be + offs_n[None, :].to(tl.int64) * stride_bn + offs_k[:, None] * stride_bk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if SWIGLU:
-        up_ptrs = b_ptrs + N * stride_bn
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_mask = offs_k < K - k0
         a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        b_mask = k_mask[:, None] & n_mask[None, :]
+        b = _load_b(b_ptr, absmax_ptr, code_ptr, b_offs, b_mask, NF4, QBLOCK, a_ptr.dtype.element_ty)
         if IEEE:
             acc = tl.dot(a, b, acc, input_precision="ieee")
         else:
             acc = tl.dot(a, b, acc)
         if SWIGLU:
-            b_up = tl.load(up_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            b_up = _load_b(b_ptr, absmax_ptr, code_ptr, b_offs + N * stride_bn, b_mask, NF4, QBLOCK, a_ptr.dtype.element_ty)
             if IEEE:
                 acc_up = tl.dot(a, b_up, acc_up, input_precision="ieee")
             else:
                 acc_up = tl.dot(a, b_up, acc_up)
-            up_ptrs += BLOCK_K * stride_bk
         a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+        b_offs += BLOCK_K * stride_bk
 
     if LORA:
         offs_r = tl.arange(0, BLOCK_R)
@@ -160,7 +177,7 @@ def _grouped_gemm_kernel(
 
 def grouped_gemm_launch(
     a: torch.Tensor,
-    b: torch.Tensor,
+    b: "torch.Tensor | Nf4Weight",
     out: torch.Tensor,
     routing: Routing,
     config: dict,
@@ -175,14 +192,22 @@ def grouped_gemm_launch(
 ) -> torch.Tensor:
     """Launch the grouped GEMM into out (rows, N).
 
-    a: (rows of A, K). b: (E, N, K), or (E, K, N) when b_is_kn; with swiglu (E, 2N, K).
+    a: (rows of A, K). b: (E, N, K), or (E, K, N) when b_is_kn; with swiglu (E, 2N, K);
+    dense, or an Nf4Weight (4-bit, dequantized to a's dtype in the load).
     gather / scatter: (sorted rows,) int32 row maps; row_scale: (rows of out,).
     h_out: (sorted rows, 2N) receives (gate, up) when swiglu.
     lora: (L, LB, lb_is_rn): L (sorted rows, R) and LB (E, N or 2N, R), or (E, R, N) when
     lb_is_rn; adds L @ LB[e]^T to each row before the epilogue.
     """
     n_out, k_in = out.shape[1], a.shape[1]
-    stride_bn, stride_bk = (b.stride(2), b.stride(1)) if b_is_kn else (b.stride(1), b.stride(2))
+    nf4 = isinstance(b, Nf4Weight)
+    if nf4:  # the flat layout of the dense tensor it stands for
+        b_strides = (b.shape[1] * b.shape[2], b.shape[2], 1)
+        b_data, absmax, code, qblock = b.codes, b.absmax, nf4_code_table(a.device), b.blocksize
+    else:
+        b_strides = b.stride()
+        b_data, absmax, code, qblock = b, out, out, 1
+    stride_bn, stride_bk = (b_strides[2], b_strides[1]) if b_is_kn else (b_strides[1], b_strides[2])
     num_tiles_m = routing.tile_expert.numel()
     block_n = config["BLOCK_N"]
     grid = (num_tiles_m * triton.cdiv(n_out, block_n),)
@@ -196,7 +221,9 @@ def grouped_gemm_launch(
         stride_ln, stride_lr = (lora_b.stride(2), lora_b.stride(1)) if lb_is_rn else (lora_b.stride(1), lora_b.stride(2))
     _grouped_gemm_kernel[grid](
         a,
-        b,
+        b_data,
+        absmax,
+        code,
         out,
         h_out if h_out is not None else out,
         lora_x,
@@ -212,7 +239,7 @@ def grouped_gemm_launch(
         k_in,
         a.stride(0),
         a.stride(1),
-        b.stride(0),
+        b_strides[0],
         stride_bn,
         stride_bk,
         out.stride(0),
@@ -230,6 +257,8 @@ def grouped_gemm_launch(
         SAVE_H=h_out is not None,
         IEEE=a.dtype == torch.float32,
         LORA=lora is not None,
+        NF4=nf4,
+        QBLOCK=qblock,
         BLOCK_R=max(16, triton.next_power_of_2(rank)),
         BLOCK_M=routing.block_m,
         BLOCK_N=block_n,

@@ -1,0 +1,150 @@
+"""4-bit NF4 storage of the Qwen3 MoE expert tensors on the model.
+
+`quantize_experts_4bit(model)` replaces every experts module's `gate_up_proj` (E, 2I, H) and
+`down_proj` (E, H, I) by a frozen uint8 Parameter of the same name: ONE 1-D tensor
+
+    [ codes: ceil(n/2) bytes | zeros up to a multiple of 16 bytes | absmax: ceil(n/blocksize) float32 ]
+
+in the format of nf4.py (bitsandbytes' quantize_4bit, NF4, no double quantization). The
+Parameter object carries what it holds: `quant_type` ("nf4"), `quant_shape` (E, out, in),
+`quant_dtype` (the dtype that was quantized: the compute dtype), `quant_blocksize`,
+`quant_requires_grad`, and `ds_shape` = quant_shape, which PEFT's ParamWrapper reads to size
+the LoRA factors. `nf4_weight(param)` gives views of the codes and absmax (no copy).
+
+One tensor keeps codes and scales together and exact: `.to(device)`, `model.to(torch.bfloat16)`
+and `.half()` (which leave integer tensors alone), `state_dict()` and `load_state_dict()`.
+
+Saving and loading: `model.state_dict()` holds the uint8 storage under the tensor's usual key.
+To load, build the model in the same dtype, call `quantize_experts_4bit(model, blocksize=...)`
+with the saved blocksize (the shapes then match), then `model.load_state_dict(state)` or
+`safetensors.torch.load_model(model, path)`: the bytes are copied as they are, lossless. (Not
+`assign=True`: that would replace the Parameter and drop its attributes.) `torch.save` of the
+Parameter and `copy.deepcopy` of the model keep them too.
+"""
+
+import copy
+from math import prod
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .nf4 import check_blocksize, dequantize_nf4, num_blocks, quantize_nf4_into
+
+EXPERT_TENSORS = ("gate_up_proj", "down_proj")
+
+
+class Nf4Weight(NamedTuple):
+    """The parts of a quantized expert tensor (views into its storage)."""
+
+    codes: Tensor  # (ceil(n/2),) uint8, two indices a byte, the first in the high nibble
+    absmax: Tensor  # (ceil(n/blocksize),) float32
+    shape: tuple  # (E, out, in) of the dense tensor
+    dtype: torch.dtype  # the dense tensor's dtype
+    blocksize: int
+
+
+def _layout(numel: int, blocksize: int) -> tuple[int, int, int]:
+    """(bytes of codes, byte offset of absmax, total bytes) of the storage of `numel` values."""
+    code_bytes = (numel + 1) // 2
+    absmax_offset = -(-code_bytes // 16) * 16  # aligned, so the float32 view is legal and loads vectorize
+    return code_bytes, absmax_offset, absmax_offset + 4 * num_blocks(numel, blocksize)
+
+
+def nf4_views(storage: Tensor, shape, dtype: torch.dtype, blocksize: int) -> Nf4Weight:
+    """Nf4Weight of a bare 1-D uint8 storage tensor of a (shape) tensor: for code that gets the
+    storage without its attributes (a custom op's inputs)."""
+    shape = tuple(shape)
+    code_bytes, absmax_offset, total = _layout(prod(shape), blocksize)
+    if storage.dtype != torch.uint8 or storage.shape != (total,):
+        raise ValueError(
+            f"NF4 storage of shape {shape}, blocksize {blocksize} must be ({total},) uint8, "
+            f"got {tuple(storage.shape)} {storage.dtype}"
+        )
+    storage = storage.detach()
+    return Nf4Weight(storage[:code_bytes], storage[absmax_offset:].view(torch.float32), shape, dtype, blocksize)
+
+
+def nf4_weight(param: Tensor | None) -> Nf4Weight | None:
+    """The codes / absmax views of a tensor made by quantize_experts_4bit, None for any other tensor."""
+    if getattr(param, "quant_type", None) != "nf4" or param.dtype != torch.uint8 or param.dim() != 1:
+        return None
+    return nf4_views(param, param.quant_shape, param.quant_dtype, param.quant_blocksize)
+
+
+def is_quantized(t: Tensor | None) -> bool:
+    return nf4_weight(t) is not None
+
+
+class Nf4Parameter(nn.Parameter):
+    """The uint8 storage Parameter; a deep copy keeps the attributes saying what it holds
+    (nn.Parameter's own copies only the data)."""
+
+    def __deepcopy__(self, memo):
+        if id(self) not in memo:
+            copied = super().__deepcopy__(memo)
+            copied.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return memo[id(self)]
+
+
+@torch.no_grad()
+def _quantize_param(param: Tensor, blocksize: int) -> nn.Parameter:
+    code_bytes, absmax_offset, total = _layout(param.numel(), blocksize)
+    storage = torch.empty(total, dtype=torch.uint8, device=param.device)
+    storage[code_bytes:absmax_offset] = 0  # padding: deterministic bytes in saved files
+    quantize_nf4_into(param, storage[:code_bytes], storage[absmax_offset:].view(torch.float32), blocksize)
+    quantized = Nf4Parameter(storage, requires_grad=False)
+    quantized.quant_type = "nf4"
+    quantized.quant_shape = param.shape
+    quantized.quant_dtype = param.dtype
+    quantized.quant_blocksize = blocksize
+    quantized.quant_requires_grad = param.requires_grad
+    quantized.ds_shape = param.shape  # PEFT sizes LoRA factors from getattr(param, "ds_shape", param.shape)
+    return quantized
+
+
+def _is_expert_tensor(param: Tensor | None) -> bool:
+    return param is not None and (is_quantized(param) or (param.dim() == 3 and param.is_floating_point()))
+
+
+def _experts_modules(model: nn.Module) -> list[nn.Module]:
+    """Modules owning 3-D `gate_up_proj` and `down_proj` (Transformers' Qwen3MoeExperts). Owning:
+    in `_parameters`, so PEFT's wrappers, which only forward attribute reads, are not counted."""
+    return [m for m in model.modules() if all(_is_expert_tensor(m._parameters.get(name)) for name in EXPERT_TENSORS)]
+
+
+def quantize_experts_4bit(model: nn.Module, quant_type: str = "nf4", blocksize: int = 64) -> nn.Module:
+    """Store every Qwen3 MoE expert tensor of `model` in 4-bit NF4, in place, on its own device.
+
+    `model`: a Qwen3 MoE model, a PEFT model of one, a Qwen3MoeSparseMoeBlock or the experts module.
+    Tensors already quantized are left as they are. Returns `model`.
+    """
+    if quant_type != "nf4":
+        raise ValueError(f"quant_type {quant_type!r} is not supported: only 'nf4' is")
+    check_blocksize(blocksize)
+    experts = _experts_modules(model)
+    if not experts:
+        raise ValueError(
+            f"no Qwen3 MoE experts in {type(model).__name__}: expected modules with 3-D gate_up_proj and down_proj"
+        )
+    for module in experts:
+        for name in EXPERT_TENSORS:
+            param = module._parameters[name]
+            if not is_quantized(param):
+                setattr(module, name, _quantize_param(param, blocksize))
+                del param  # the 16-bit tensor is freed once nothing else holds it
+    return model
+
+
+@torch.no_grad()
+def dequantize_experts_4bit(model: nn.Module) -> nn.Module:
+    """Replace every tensor made by quantize_experts_4bit with a dense Parameter of its
+    quant_dtype (bitsandbytes' dequantize_4bit values), requires_grad as before quantizing."""
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            weight = nf4_weight(param)
+            if weight is None:
+                continue
+            dense = dequantize_nf4(weight.codes, weight.absmax, weight.shape, weight.dtype, weight.blocksize)
+            setattr(module, name, nn.Parameter(dense, requires_grad=param.quant_requires_grad))
+    return model
