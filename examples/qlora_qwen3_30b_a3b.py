@@ -108,7 +108,7 @@ def main():
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total), device)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total), torch.cuda.current_device())
     torch.manual_seed(0)
 
     kernel = get_kernel("org/qwen3-moe-fused", version=1)

@@ -14,7 +14,7 @@ from .activation import swiglu_backward_launch
 from .checks import check_expert_ids, check_experts_inputs, check_grouped_gemm_inputs, check_lora, weight_like
 from .combine import combine_launch
 from .grouped_gemm import grouped_dw_launch, grouped_gemm_launch
-from .quant import dequantize_nf4, nf4_views, nf4_weight
+from .quant import Nf4Weight, dequantize_nf4, nf4_views, nf4_weight
 from .routing import Routing, max_tiles, route, route_from_counts
 from .tuning import INTERPRET, block_m_for, dequantize_first, dw_config, gemm_config, rows_block
 
@@ -53,6 +53,11 @@ def _operands(x, gate_up, down, nf4, num_rows):
     if dequantize_first(num_rows, num_experts):
         return _dequantized(gate_up, x.dtype), _dequantized(down, x.dtype)
     return gate_up, down
+
+
+def _kind(kind: str, weight) -> str:
+    """The tuning kind of a GEMM: its own tiles when B is dequantized in the load."""
+    return f"{kind}_nf4" if isinstance(weight, Nf4Weight) else kind
 
 
 def _dequantized(weight, dtype):
@@ -121,13 +126,13 @@ def experts_fwd_op(
     if gate_up_a is not None:
         lora = (_lora_project(x, gate_up_a, r, gather=r.sorted_token), gate_up_b, False)
     grouped_gemm_launch(
-        x, gate_up, act, r, gemm_config("gate_up", inter, hidden, block_m, x.device),
+        x, gate_up, act, r, gemm_config(_kind("gate_up", gate_up), inter, hidden, block_m, x.device),
         gather=r.sorted_token, swiglu=True, h_out=h if save_h else None, lora=lora,
     )  # fmt: skip
     lora = (_lora_project(act, down_a, r), down_b, False) if down_a is not None else None
     rows = x.new_empty(num_rows, hidden)
     grouped_gemm_launch(
-        act, down, rows, r, gemm_config("down", hidden, inter, block_m, x.device),
+        act, down, rows, r, gemm_config(_kind("down", down), hidden, inter, block_m, x.device),
         scatter=r.sort_idx, row_scale=weights_flat, lora=lora,
     )  # fmt: skip
     out = x.new_empty(num_tokens, hidden)
@@ -182,7 +187,7 @@ def experts_bwd_op(
         down_l = _lora_project(grad_out, down_b, r, gather=r.sorted_token, transposed=True)
         lora = (down_l, down_a, True)
     g = x.new_empty(num_rows, inter)
-    cfg = gemm_config("down_dx", inter, hidden, block_m, x.device)
+    cfg = gemm_config(_kind("down_dx", down), inter, hidden, block_m, x.device)
     grouped_gemm_launch(grad_out, down, g, r, cfg, b_is_kn=True, gather=r.sorted_token, lora=lora)
     dh = x.new_empty(num_rows, 2 * inter)
     w_act = x.new_empty(num_rows, inter)
@@ -208,7 +213,7 @@ def experts_bwd_op(
         lora = (gate_up_l, gate_up_a, True)
     if need_dx:  # before dgate_up: its (T*K, H) rows are freed before that large gradient exists
         rows = x.new_empty(num_rows, hidden)
-        cfg = gemm_config("gate_up_dx", hidden, 2 * inter, block_m, x.device)
+        cfg = gemm_config(_kind("gate_up_dx", gate_up), hidden, 2 * inter, block_m, x.device)
         grouped_gemm_launch(dh, gate_up, rows, r, cfg, b_is_kn=True, scatter=r.sort_idx, lora=lora)
         dx = torch.empty_like(x)
         combine_launch(rows, top_k_index, num_experts, dx)

@@ -10,6 +10,7 @@ GEMM kinds (routed GEMMs, grouped_gemm/forward.py, key "<kind>|N=..|K=..|BM=..")
     down_dx      dOut[token] @ down[e]                        (N = I, K = H)
     gate_up_dx   dh @ gate_up[e], scatter                     (N = H, K = 2I)
     plain / plain_dx   grouped_gemm() and its dX
+    <kind>_nf4   the same GEMM on 4-bit experts (B dequantized in the load)
 Weight-gradient kinds (grouped_gemm/backward_dw.py, key "<kind>|M=..|N=..|BM=.."):
     gate_up_dw (M = 2I, N = H), down_dw (M = H, N = I), plain_dw
 """
@@ -72,6 +73,8 @@ def default_gemm_config(kind: str, block_m: int) -> dict:
         return dict(BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
     if kind == "lora":  # thin: N is the LoRA rank
         return dict(BLOCK_N=32, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)
+    if kind.endswith("_nf4"):  # B dequantized in the load: its gathers and registers want small tiles
+        return dict(BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=2)
     # SwiGLU keeps two accumulators: halve the column tile to keep registers in budget.
     block_n = 64 if (kind == "gate_up" and block_m >= 64) or block_m <= 32 else 128
     num_warps = 8 if block_m * block_n >= 128 * 128 else 4
