@@ -37,6 +37,25 @@ def _load_b(b_ptr, absmax_ptr, code_ptr, offs, mask, NF4: tl.constexpr, QBLOCK: 
 
 
 @triton.jit
+def _load_nf4_pairs(b_ptr, absmax_ptr, code_ptr, offs, mask, QBLOCK: tl.constexpr, dtype: tl.constexpr):
+    """4-bit B at even flat offsets offs and at offs + 1: both in the byte offs // 2 (high,
+    low nibble) and in one absmax block (blocksizes are even)."""
+    byte = tl.load(b_ptr + (offs >> 1), mask=mask, other=0).to(tl.int32)
+    scale = tl.load(absmax_ptr + offs // QBLOCK, mask=mask, other=0.0)
+    high = (tl.load(code_ptr + (byte >> 4)) * scale).to(dtype)
+    low = (tl.load(code_ptr + (byte & 15)) * scale).to(dtype)
+    return high, low
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
 def _grouped_gemm_kernel(
     a_ptr,  # (rows of A, K)
     b_ptr,  # (E, N or 2N, K) through strides; NF4: the packed codes
@@ -76,6 +95,7 @@ def _grouped_gemm_kernel(
     IEEE: tl.constexpr,
     LORA: tl.constexpr,
     NF4: tl.constexpr,
+    NF4_PAIRS: tl.constexpr,
     QBLOCK: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -108,28 +128,58 @@ def _grouped_gemm_kernel(
     n_mask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+    dtype = a_ptr.dtype.element_ty
     # Offsets into B in elements (int64: an expert stack can pass 2**31 elements).
-    b_offs = expert.to(tl.int64) * stride_be + offs_n[None, :].to(tl.int64) * stride_bn + offs_k[:, None] * stride_bk
+    b_base = expert.to(tl.int64) * stride_be
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if SWIGLU:
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_mask = offs_k < K - k0
-        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        b_mask = k_mask[:, None] & n_mask[None, :]
-        b = _load_b(b_ptr, absmax_ptr, code_ptr, b_offs, b_mask, NF4, QBLOCK, a_ptr.dtype.element_ty)
-        if IEEE:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
-        if SWIGLU:
-            b_up = _load_b(b_ptr, absmax_ptr, code_ptr, b_offs + N * stride_bn, b_mask, NF4, QBLOCK, a_ptr.dtype.element_ty)
-            if IEEE:
-                acc_up = tl.dot(a, b_up, acc_up, input_precision="ieee")
-            else:
-                acc_up = tl.dot(a, b_up, acc_up)
-        a_ptrs += BLOCK_K * stride_ak
-        b_offs += BLOCK_K * stride_bk
+    if NF4_PAIRS == 1:
+        # 4-bit B, k contiguous: the two values of a byte are neighbours along k. Load each byte
+        # once, and multiply the even / odd columns of A by them (two dots of BLOCK_K / 2).
+        offs_j = tl.arange(0, BLOCK_K // 2)
+        pair_offs = b_base + offs_n[None, :].to(tl.int64) * stride_bn + 2 * offs_j[:, None]
+        for k0 in range(0, K, BLOCK_K):
+            a = tl.load(a_ptrs, mask=row_mask[:, None] & (offs_k < K - k0)[None, :], other=0.0)
+            a_even, a_odd = tl.split(tl.reshape(a, (BLOCK_M, BLOCK_K // 2, 2)))
+            pair_mask = (2 * offs_j < K - k0)[:, None] & n_mask[None, :]
+            b_even, b_odd = _load_nf4_pairs(b_ptr, absmax_ptr, code_ptr, pair_offs, pair_mask, QBLOCK, dtype)
+            acc = _dot(a_odd, b_odd, _dot(a_even, b_even, acc, IEEE), IEEE)
+            if SWIGLU:
+                up_offs = pair_offs + N * stride_bn
+                b_even, b_odd = _load_nf4_pairs(b_ptr, absmax_ptr, code_ptr, up_offs, pair_mask, QBLOCK, dtype)
+                acc_up = _dot(a_odd, b_odd, _dot(a_even, b_even, acc_up, IEEE), IEEE)
+            a_ptrs += BLOCK_K * stride_ak
+            pair_offs += BLOCK_K
+    elif NF4_PAIRS == 2:
+        # 4-bit B, n contiguous (a dX GEMM): a byte holds neighbours along n. Even and odd
+        # output columns accumulate apart and are interleaved at the end.
+        offs_i = pid_n * BLOCK_N + 2 * tl.arange(0, BLOCK_N // 2)
+        pair_offs = b_base + offs_k[:, None] * stride_bk + offs_i[None, :]
+        acc_even = tl.zeros((BLOCK_M, BLOCK_N // 2), dtype=tl.float32)
+        acc_odd = tl.zeros((BLOCK_M, BLOCK_N // 2), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_mask = offs_k < K - k0
+            a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            pair_mask = k_mask[:, None] & (offs_i < N)[None, :]
+            b_even, b_odd = _load_nf4_pairs(b_ptr, absmax_ptr, code_ptr, pair_offs, pair_mask, QBLOCK, dtype)
+            acc_even = _dot(a, b_even, acc_even, IEEE)
+            acc_odd = _dot(a, b_odd, acc_odd, IEEE)
+            a_ptrs += BLOCK_K * stride_ak
+            pair_offs += BLOCK_K * stride_bk
+        acc = tl.interleave(acc_even, acc_odd)
+    else:
+        b_offs = b_base + offs_n[None, :].to(tl.int64) * stride_bn + offs_k[:, None] * stride_bk
+        for k0 in range(0, K, BLOCK_K):
+            k_mask = offs_k < K - k0
+            a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            b_mask = k_mask[:, None] & n_mask[None, :]
+            acc = _dot(a, _load_b(b_ptr, absmax_ptr, code_ptr, b_offs, b_mask, NF4, QBLOCK, dtype), acc, IEEE)
+            if SWIGLU:
+                b_up = _load_b(b_ptr, absmax_ptr, code_ptr, b_offs + N * stride_bn, b_mask, NF4, QBLOCK, dtype)
+                acc_up = _dot(a, b_up, acc_up, IEEE)
+            a_ptrs += BLOCK_K * stride_ak
+            b_offs += BLOCK_K * stride_bk
 
     if LORA:
         offs_r = tl.arange(0, BLOCK_R)
@@ -141,16 +191,10 @@ def _grouped_gemm_kernel(
         )
         lb_ptrs = lora_b_ptr + expert.to(tl.int64) * stride_le + offs_n[None, :] * stride_ln + offs_r[:, None] * stride_lr
         lb_mask = r_mask[:, None] & n_mask[None, :]
-        if IEEE:
-            acc = tl.dot(lora_x, tl.load(lb_ptrs, mask=lb_mask, other=0.0), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(lora_x, tl.load(lb_ptrs, mask=lb_mask, other=0.0), acc)
+        acc = _dot(lora_x, tl.load(lb_ptrs, mask=lb_mask, other=0.0), acc, IEEE)
         if SWIGLU:
             lb_up = tl.load(lb_ptrs + N * stride_ln, mask=lb_mask, other=0.0)
-            if IEEE:
-                acc_up = tl.dot(lora_x, lb_up, acc_up, input_precision="ieee")
-            else:
-                acc_up = tl.dot(lora_x, lb_up, acc_up)
+            acc_up = _dot(lora_x, lb_up, acc_up, IEEE)
 
     mask = row_mask[:, None] & n_mask[None, :]
     if SWIGLU:
@@ -208,6 +252,11 @@ def grouped_gemm_launch(
         b_strides = b.stride()
         b_data, absmax, code, qblock = b, out, out, 1
     stride_bn, stride_bk = (b_strides[2], b_strides[1]) if b_is_kn else (b_strides[1], b_strides[2])
+    # 4-bit: where the dense rows have an even length, a byte never straddles two rows and
+    # holds neighbours along k (1) or along n (2, B read transposed); else one value at a time (0).
+    nf4_pairs = 0
+    if nf4 and b.shape[2] % 2 == 0 and config["BLOCK_K"] >= 32 and config["BLOCK_N"] >= 32:  # dots of >= 16
+        nf4_pairs = 2 if b_is_kn else 1
     num_tiles_m = routing.tile_expert.numel()
     block_n = config["BLOCK_N"]
     grid = (num_tiles_m * triton.cdiv(n_out, block_n),)
@@ -258,6 +307,7 @@ def grouped_gemm_launch(
         IEEE=a.dtype == torch.float32,
         LORA=lora is not None,
         NF4=nf4,
+        NF4_PAIRS=nf4_pairs,
         QBLOCK=qblock,
         BLOCK_R=max(16, triton.next_power_of_2(rank)),
         BLOCK_M=routing.block_m,
