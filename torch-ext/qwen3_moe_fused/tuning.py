@@ -74,7 +74,7 @@ def default_gemm_config(kind: str, block_m: int) -> dict:
     if kind == "lora":  # thin: N is the LoRA rank
         return dict(BLOCK_N=32, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)
     if kind.endswith("_nf4"):  # B dequantized in the load: its gathers and registers want small tiles
-        return dict(BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=2)
+        return dict(BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=1)
     # SwiGLU keeps two accumulators: halve the column tile to keep registers in budget.
     block_n = 64 if (kind == "gate_up" and block_m >= 64) or block_m <= 32 else 128
     num_warps = 8 if block_m * block_n >= 128 * 128 else 4

@@ -48,6 +48,17 @@ def _load_nf4_pairs(b_ptr, absmax_ptr, code_ptr, offs, mask, QBLOCK: tl.constexp
 
 
 @triton.jit
+def _load_nf4_cols(codes_ptr, absmax_ptr, code_ptr, col, k0, offs_j, mask, n_mask, QBLOCK: tl.constexpr, dtype: tl.constexpr):
+    """_load_nf4_pairs for a k-tile inside one absmax block per column: col (BLOCK_N,) the
+    element offsets of the columns' k = 0 within the expert, k0 + 2 * offs_j the even k."""
+    byte = tl.load(codes_ptr + (col[None, :] + k0) // 2 + offs_j[:, None], mask=mask, other=0).to(tl.int32)
+    scale = tl.load(absmax_ptr + (col + k0) // QBLOCK, mask=n_mask, other=0.0)[None, :]
+    high = (tl.load(code_ptr + (byte >> 4)) * scale).to(dtype)
+    low = (tl.load(code_ptr + (byte & 15)) * scale).to(dtype)
+    return high, low
+
+
+@triton.jit
 def _dot(a, b, acc, IEEE: tl.constexpr):
     if IEEE:
         return tl.dot(a, b, acc, input_precision="ieee")
@@ -96,6 +107,7 @@ def _grouped_gemm_kernel(
     LORA: tl.constexpr,
     NF4: tl.constexpr,
     NF4_PAIRS: tl.constexpr,
+    SCALE_PER_COL: tl.constexpr,
     QBLOCK: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -138,19 +150,37 @@ def _grouped_gemm_kernel(
         # 4-bit B, k contiguous: the two values of a byte are neighbours along k. Load each byte
         # once, and multiply the even / odd columns of A by them (two dots of BLOCK_K / 2).
         offs_j = tl.arange(0, BLOCK_K // 2)
-        pair_offs = b_base + offs_n[None, :].to(tl.int64) * stride_bn + 2 * offs_j[:, None]
+        if SCALE_PER_COL:
+            # Blocks align with k-tiles: one absmax per column, and offsets within the expert
+            # fit in int32 (fewer integer instructions: this loop is bound by them).
+            codes_e = b_ptr + b_base // 2
+            absmax_e = absmax_ptr + b_base // QBLOCK
+            col = offs_n * stride_bn
+            if SWIGLU:
+                col_up = col + N * stride_bn
+        else:
+            pair_offs = b_base + offs_n[None, :].to(tl.int64) * stride_bn + 2 * offs_j[:, None]
         for k0 in range(0, K, BLOCK_K):
             a = tl.load(a_ptrs, mask=row_mask[:, None] & (offs_k < K - k0)[None, :], other=0.0)
             a_even, a_odd = tl.split(tl.reshape(a, (BLOCK_M, BLOCK_K // 2, 2)))
             pair_mask = (2 * offs_j < K - k0)[:, None] & n_mask[None, :]
-            b_even, b_odd = _load_nf4_pairs(b_ptr, absmax_ptr, code_ptr, pair_offs, pair_mask, QBLOCK, dtype)
+            if SCALE_PER_COL:
+                b_even, b_odd = _load_nf4_cols(codes_e, absmax_e, code_ptr, col, k0, offs_j, pair_mask, n_mask, QBLOCK, dtype)
+            else:
+                b_even, b_odd = _load_nf4_pairs(b_ptr, absmax_ptr, code_ptr, pair_offs, pair_mask, QBLOCK, dtype)
             acc = _dot(a_odd, b_odd, _dot(a_even, b_even, acc, IEEE), IEEE)
             if SWIGLU:
-                up_offs = pair_offs + N * stride_bn
-                b_even, b_odd = _load_nf4_pairs(b_ptr, absmax_ptr, code_ptr, up_offs, pair_mask, QBLOCK, dtype)
+                if SCALE_PER_COL:
+                    b_even, b_odd = _load_nf4_cols(
+                        codes_e, absmax_e, code_ptr, col_up, k0, offs_j, pair_mask, n_mask, QBLOCK, dtype
+                    )
+                else:
+                    up_offs = pair_offs + N * stride_bn
+                    b_even, b_odd = _load_nf4_pairs(b_ptr, absmax_ptr, code_ptr, up_offs, pair_mask, QBLOCK, dtype)
                 acc_up = _dot(a_odd, b_odd, _dot(a_even, b_even, acc_up, IEEE), IEEE)
             a_ptrs += BLOCK_K * stride_ak
-            pair_offs += BLOCK_K
+            if not SCALE_PER_COL:
+                pair_offs += BLOCK_K
     elif NF4_PAIRS == 2:
         # 4-bit B, n contiguous (a dX GEMM): a byte holds neighbours along n. Even and odd
         # output columns accumulate apart and are interleaved at the end.
@@ -257,6 +287,9 @@ def grouped_gemm_launch(
     nf4_pairs = 0
     if nf4 and b.shape[2] % 2 == 0 and config["BLOCK_K"] >= 32 and config["BLOCK_N"] >= 32:  # dots of >= 16
         nf4_pairs = 2 if b_is_kn else 1
+    # k-pairs whose k-tiles never straddle an absmax block: one scale per column and tile.
+    scale_per_col = nf4_pairs == 1 and b_strides[0] % qblock == 0 and stride_bn % qblock == 0
+    scale_per_col = scale_per_col and qblock % config["BLOCK_K"] == 0 and b_strides[0] < 2**31
     num_tiles_m = routing.tile_expert.numel()
     block_n = config["BLOCK_N"]
     grid = (num_tiles_m * triton.cdiv(n_out, block_n),)
@@ -308,6 +341,7 @@ def grouped_gemm_launch(
         LORA=lora is not None,
         NF4=nf4,
         NF4_PAIRS=nf4_pairs,
+        SCALE_PER_COL=scale_per_col,
         QBLOCK=qblock,
         BLOCK_R=max(16, triton.next_power_of_2(rank)),
         BLOCK_M=routing.block_m,
