@@ -217,3 +217,38 @@ def test_qlora_adapter_loads_into_16bit_model(kernel, checkpoint, tmp_path):
     loaded = PeftModel.from_pretrained(_dequantized_reference(checkpoint), tmp_path / "adapter").eval()
     loaded_logits, _ = _logits(loaded, batch)
     assert rel_err(loaded_logits, logits) <= RTOL
+
+
+def test_qlora_with_bitsandbytes_linear_layers(kernel, checkpoint):
+    """The QLoRA setup users have: from_pretrained with BitsAndBytesConfig(load_in_4bit=True)
+    and device_map (bitsandbytes quantizes the linear layers), then quantize_experts_4bit and
+    kernelize, then PEFT on attention and experts; against the same bitsandbytes model with
+    the experts replaced by bitsandbytes' dequantized values and Transformers' eager loop."""
+    from transformers import BitsAndBytesConfig
+
+    bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+
+    def load():
+        return load_tiny(checkpoint, quantization_config=bnb_config, device_map="cpu")
+
+    config = _lora_config(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    reference = load()
+    assert type(reference.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    with torch.no_grad():
+        for block in moe_blocks(reference):
+            for name in EXPERT_PARAMS:
+                getattr(block.experts, name).copy_(bnb_dequantized(getattr(block.experts, name)))
+    ref = get_peft_model(reference, copy.deepcopy(config))
+    ours = get_peft_model(kernelize_moe(kernel.quantize_experts_4bit(load()), Mode.TRAINING), copy.deepcopy(config))
+    for model in (ref, ours):
+        _randomize_lora(model)
+        model.train()
+    batch = _batch()
+    embeds = _embeds(ref, batch[0])
+    ref_out, ref_grads, _, _ = _step(ref, batch, embeds)
+    out, grads, fwd, bwd = _step(ours, batch, embeds, kernel)
+    _assert_fused(fwd, bwd, forwards=2, backwards=2)
+    assert rel_err(out.logits, ref_out.logits) <= RTOL
+    assert grads.keys() == ref_grads.keys() and any("q_proj.lora_A" in k for k in grads)
+    for name, ref_grad in ref_grads.items():
+        assert rel_err(grads[name], ref_grad) <= RTOL, name

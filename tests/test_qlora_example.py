@@ -1,0 +1,26 @@
+"""examples/qlora_qwen3_30b_a3b.py --tiny: the QLoRA example's code path (4-bit experts and
+linear layers, PEFT rslora with per-tensor ranks, gradient checkpointing, 8-bit AdamW) on CPU."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tiny_model import published_cache
+
+pytest.importorskip("bitsandbytes")
+pytest.importorskip("peft")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(not published_cache(), reason="needs the published build (make publish-local)")
+def test_qlora_example_tiny():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "qlora_qwen3_30b_a3b.py"), "--tiny", "--steps", "1"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    assert "experts {'down_proj': 4, 'gate_up_proj': 4}, attention q_proj 16" in run.stdout
+    assert "tokens/s" in run.stdout
