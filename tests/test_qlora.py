@@ -252,3 +252,15 @@ def test_qlora_with_bitsandbytes_linear_layers(kernel, checkpoint):
     assert grads.keys() == ref_grads.keys() and any("q_proj.lora_A" in k for k in grads)
     for name, ref_grad in ref_grads.items():
         assert rel_err(grads[name], ref_grad) <= RTOL, name
+
+
+def test_dequantize_skips_experts_without_rows(kernel):
+    """The dequantize-first path dequantizes only experts that received rows (the routing's
+    cumulative offsets); theirs equal the full dequantization."""
+    weight = torch.randn(4, 64, 128, generator=torch.Generator().manual_seed(0))
+    codes, absmax = kernel.quant.quantize_nf4(weight, 64)
+    offsets = torch.tensor([0, 3, 3, 7, 7], dtype=torch.int32)  # experts 1 and 3 have no rows
+    full = kernel.quant.dequantize_nf4(codes, absmax, weight.shape, torch.float32, 64)
+    out = kernel.quant.dequantize_nf4(codes, absmax, weight.shape, torch.float32, 64, expert_offsets=offsets)
+    assert torch.equal(out[0], full[0]) and torch.equal(out[2], full[2])
+    assert torch.equal(full.double(), bnb_dequantized(weight).double())

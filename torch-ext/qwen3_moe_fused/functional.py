@@ -43,15 +43,16 @@ def _shapes(x, gate_up, down, nf4):
     return (nf4[0], nf4[1]) if nf4 else (gate_up.shape[0], down.shape[2])
 
 
-def _operands(x, gate_up, down, nf4, num_rows):
-    """The experts' weights as GEMM operands: dense tensors or Nf4Weight views."""
+def _operands(x, gate_up, down, nf4, r: Routing):
+    """The experts' weights as GEMM operands: dense tensors or Nf4Weight views (or, with many
+    rows per expert, the routed experts dequantized)."""
     if not nf4:
         return gate_up, down
     (num_experts, inter, blocksize), hidden = nf4, x.shape[1]
     gate_up = nf4_views(gate_up, (num_experts, 2 * inter, hidden), x.dtype, blocksize)
     down = nf4_views(down, (num_experts, hidden, inter), x.dtype, blocksize)
-    if dequantize_first(num_rows, num_experts):
-        return _dequantized(gate_up, x.dtype), _dequantized(down, x.dtype)
+    if dequantize_first(r.sort_idx.numel(), num_experts):
+        return _dequantized(gate_up, x.dtype, r.expert_offsets), _dequantized(down, x.dtype, r.expert_offsets)
     return gate_up, down
 
 
@@ -60,8 +61,8 @@ def _kind(kind: str, weight) -> str:
     return f"{kind}_nf4" if isinstance(weight, Nf4Weight) else kind
 
 
-def _dequantized(weight, dtype):
-    return dequantize_nf4(weight.codes, weight.absmax, weight.shape, dtype, weight.blocksize)
+def _dequantized(weight, dtype, expert_offsets=None):
+    return dequantize_nf4(weight.codes, weight.absmax, weight.shape, dtype, weight.blocksize, expert_offsets)
 
 
 def _experts_torch(x, gate_up, down, top_k_index, top_k_weights, lora):
@@ -119,7 +120,7 @@ def experts_fwd_op(
     weights_flat = top_k_weights.reshape(-1)
     num_tokens, hidden = x.shape
     num_rows = top_k_index.numel()
-    gate_up, down = _operands(x, gate_up, down, nf4, num_rows)
+    gate_up, down = _operands(x, gate_up, down, nf4, r)
     act = x.new_empty(num_rows, inter)
     h = x.new_empty(num_rows, 2 * inter) if save_h else x.new_empty(0)
     lora = None
@@ -177,7 +178,7 @@ def experts_bwd_op(
     grad_out = grad_out.to(x.dtype).contiguous()
     num_experts, inter = _shapes(x, gate_up, down, nf4)
     num_rows, hidden = top_k_index.numel(), x.shape[1]
-    gate_up, down = _operands(x, gate_up, down, nf4, num_rows)
+    gate_up, down = _operands(x, gate_up, down, nf4, r)
     # Outputs of a custom op may not alias each other: one empty tensor each.
     dx, dgate_up, ddown, dgate_up_a, dgate_up_b, ddown_a, ddown_b = (x.new_empty(0) for _ in range(7))
 
