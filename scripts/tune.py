@@ -40,6 +40,8 @@ def gemm_candidates(block_m: int, swiglu: bool):
         smem = stages * (block_m * block_k + block_k * block_n * (2 if swiglu else 1)) * 2
         if smem <= 220 * 1024 and not (swiglu and block_n > 128):
             yield dict(BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=warps, num_stages=stages)
+            if block_m > 32:  # training tiles: also with B through a TMA descriptor
+                yield dict(BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=warps, num_stages=stages, TMA_B=True)
 
 
 def lora_candidates():
@@ -74,7 +76,7 @@ def best(name, launch, candidates, log):
     return cfg
 
 
-def tune_shape(hidden, inter, num_tokens, configs, log):
+def tune_shape(hidden, inter, num_tokens, configs, log, routed_only=False):
     dev = torch.device("cuda")
     x = torch.randn(num_tokens, hidden, device=dev, dtype=torch.bfloat16)
     gate_up = torch.randn(NUM_EXPERTS, 2 * inter, hidden, device=dev, dtype=torch.bfloat16) * hidden**-0.5
@@ -103,6 +105,8 @@ def tune_shape(hidden, inter, num_tokens, configs, log):
     for kind, (n, k, swiglu, launch) in routed.items():
         key = tuning.gemm_key(kind, n, k, block_m)
         configs[key] = best(f"{key} T={num_tokens}", launch, gemm_candidates(block_m, swiglu), log)
+    if routed_only:
+        return
     # Thin LoRA projections (rank LORA_RANK) of the token rows and of the activations.
     for k, a_in, gather in ((hidden, x, r.sorted_token), (inter, act, None)):
         lora_a = torch.randn(NUM_EXPERTS, LORA_RANK, k, device=dev, dtype=torch.bfloat16)
@@ -127,6 +131,7 @@ def tune_shape(hidden, inter, num_tokens, configs, log):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="only the 30B-A3B shape")
+    parser.add_argument("--routed-only", action="store_true", help="only the routed GEMMs at the training token count")
     parser.add_argument("--log", default=os.path.join(os.environ.get("OUT", "/tmp"), "tune.log"))
     args = parser.parse_args()
     name = tuning.device_key(torch.cuda.get_device_name())
@@ -137,8 +142,13 @@ def main():
         for shape, (hidden, inter) in SHAPES.items():
             if args.quick and shape != "qwen3-30b-a3b":
                 continue
-            for num_tokens in (16384 if hidden == 2048 else 8192, 16):
-                tune_shape(hidden, inter, num_tokens, configs, log)
+            for num_tokens in (16384 if hidden == 2048 else 8192,) + (() if args.routed_only else (16,)):
+                tune_shape(hidden, inter, num_tokens, configs, log, args.routed_only)
+            write(path, name, configs)  # after each shape: a partial run still leaves its results
+    print(f"wrote {path} ({len(configs)} configs) in {time.time() - start:.0f} s")
+
+
+def write(path, name, configs):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         json.dump(dict(sorted(configs.items())), f, indent=1)
@@ -147,7 +157,6 @@ def main():
         with open(os.path.join(os.environ["OUT"], f"{name}.json"), "w") as f:
             json.dump(dict(sorted(configs.items())), f, indent=1)
             f.write("\n")
-    print(f"wrote {path} ({len(configs)} configs) in {time.time() - start:.0f} s")
 
 
 if __name__ == "__main__":

@@ -70,6 +70,8 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 def _grouped_gemm_kernel(
     a_ptr,  # (rows of A, K)
     b_ptr,  # (E, N or 2N, K) through strides; NF4: the packed codes
+    b_desc,  # B_TMA: TMA descriptor of B's 2-D view (E * b_rows, cols), else None
+    b_rows,  # B_TMA: rows of one expert in that view
     absmax_ptr,  # NF4: per-block absmax (float32)
     code_ptr,  # NF4: the 16 code values (float32)
     c_ptr,  # (rows of C, N)
@@ -108,6 +110,8 @@ def _grouped_gemm_kernel(
     NF4: tl.constexpr,
     NF4_PAIRS: tl.constexpr,
     SCALE_PER_COL: tl.constexpr,
+    B_TMA: tl.constexpr,
+    B_KN: tl.constexpr,
     QBLOCK: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -198,6 +202,21 @@ def _grouped_gemm_kernel(
             a_ptrs += BLOCK_K * stride_ak
             pair_offs += BLOCK_K * stride_bk
         acc = tl.interleave(acc_even, acc_odd)
+    elif B_TMA:
+        # Dense B through a TMA descriptor of its 2-D view (E * b_rows, cols). Rows past this
+        # expert's N only feed masked-out columns; the launcher makes K a multiple of BLOCK_K
+        # when K runs along the rows (B_KN).
+        n0 = pid_n * BLOCK_N
+        for k0 in range(0, K, BLOCK_K):
+            a = tl.load(a_ptrs, mask=row_mask[:, None] & (offs_k < K - k0)[None, :], other=0.0)
+            if B_KN:
+                b = b_desc.load([expert * b_rows + k0, n0])
+            else:
+                b = b_desc.load([expert * b_rows + n0, k0]).T
+            acc = _dot(a, b, acc, IEEE)
+            if SWIGLU:
+                acc_up = _dot(a, b_desc.load([expert * b_rows + N + n0, k0]).T, acc_up, IEEE)
+            a_ptrs += BLOCK_K * stride_ak
     else:
         b_offs = b_base + offs_n[None, :].to(tl.int64) * stride_bn + offs_k[:, None] * stride_bk
         for k0 in range(0, K, BLOCK_K):
@@ -247,6 +266,20 @@ def _grouped_gemm_kernel(
         acc = acc.to(c_ptr.dtype.element_ty).to(tl.float32) * scale[:, None]
     c_ptrs = c_ptr + c_rows[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+def _b_descriptor(b: torch.Tensor, config: dict, b_is_kn: bool, k_in: int):
+    """(TMA descriptor of b's 2-D view, rows per expert) where the config asks for it and TMA
+    can read b (CUDA, contiguous, 16-byte aligned rows); else (None, 0)."""
+    if not config.get("TMA_B") or not b.is_cuda or not b.is_contiguous() or b.data_ptr() % 16:
+        return None, 0
+    num_experts, rows, cols = b.shape
+    if (cols * b.element_size()) % 16 or (b_is_kn and k_in % config["BLOCK_K"]):
+        return None, 0
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    block = [config["BLOCK_K"], config["BLOCK_N"]] if b_is_kn else [config["BLOCK_N"], config["BLOCK_K"]]
+    return TensorDescriptor(b.view(num_experts * rows, cols), [num_experts * rows, cols], [cols, 1], block), rows
 
 
 def grouped_gemm_launch(
@@ -301,9 +334,12 @@ def grouped_gemm_launch(
         lora_x, lora_b, lb_is_rn = lora
         rank, stride_le = lora_x.shape[1], lora_b.stride(0)
         stride_ln, stride_lr = (lora_b.stride(2), lora_b.stride(1)) if lb_is_rn else (lora_b.stride(1), lora_b.stride(2))
+    b_desc, b_rows = _b_descriptor(b, config, b_is_kn, k_in) if not nf4 else (None, 0)
     _grouped_gemm_kernel[grid](
         a,
         b_data,
+        b_desc,
+        b_rows,
         absmax,
         code,
         out,
@@ -342,6 +378,8 @@ def grouped_gemm_launch(
         NF4=nf4,
         NF4_PAIRS=nf4_pairs,
         SCALE_PER_COL=scale_per_col,
+        B_TMA=b_desc is not None,
+        B_KN=b_is_kn,
         QBLOCK=qblock,
         BLOCK_R=max(16, triton.next_power_of_2(rank)),
         BLOCK_M=routing.block_m,
