@@ -105,6 +105,20 @@ def tune_shape(hidden, inter, num_tokens, configs, log, routed_only=False):
     for kind, (n, k, swiglu, launch) in routed.items():
         key = tuning.gemm_key(kind, n, k, block_m)
         configs[key] = best(f"{key} T={num_tokens}", launch, gemm_candidates(block_m, swiglu), log)
+    if block_m > 32:  # training: the same GEMMs with the LoRA term (rank LORA_RANK) in the epilogue
+        lora_rows = torch.randn(num_rows, LORA_RANK, device=dev, dtype=torch.bfloat16)
+        lora_b = {n: torch.randn(NUM_EXPERTS, n, LORA_RANK, device=dev, dtype=torch.bfloat16) * 0.1
+                  for n in (2 * inter, hidden)}  # fmt: skip
+        with_lora = {
+            "gate_up": (inter, hidden, True, lambda c: grouped_gemm_launch(
+                x, gate_up, act, r, c, gather=r.sorted_token, swiglu=True, h_out=h,
+                lora=(lora_rows, lora_b[2 * inter], False))),
+            "down": (hidden, inter, False, lambda c: grouped_gemm_launch(
+                act, down, rows, r, c, scatter=r.sort_idx, row_scale=flat_w, lora=(lora_rows, lora_b[hidden], False))),
+        }  # fmt: skip
+        for kind, (n, k, swiglu, launch) in with_lora.items():
+            key = tuning.gemm_key(f"{kind}+lora", n, k, block_m)
+            configs[key] = best(f"{key} T={num_tokens}", launch, gemm_candidates(block_m, swiglu), log)
     if routed_only:
         return
     # Thin LoRA projections (rank LORA_RANK) of the token rows and of the activations.

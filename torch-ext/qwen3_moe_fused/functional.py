@@ -127,13 +127,13 @@ def experts_fwd_op(
     if gate_up_a is not None:
         lora = (_lora_project(x, gate_up_a, r, gather=r.sorted_token), gate_up_b, False)
     grouped_gemm_launch(
-        x, gate_up, act, r, gemm_config(_kind("gate_up", gate_up), inter, hidden, block_m, x.device),
+        x, gate_up, act, r, gemm_config(_kind("gate_up", gate_up), inter, hidden, block_m, x.device, lora is not None),
         gather=r.sorted_token, swiglu=True, h_out=h if save_h else None, lora=lora,
     )  # fmt: skip
     lora = (_lora_project(act, down_a, r), down_b, False) if down_a is not None else None
     rows = x.new_empty(num_rows, hidden)
     grouped_gemm_launch(
-        act, down, rows, r, gemm_config(_kind("down", down), hidden, inter, block_m, x.device),
+        act, down, rows, r, gemm_config(_kind("down", down), hidden, inter, block_m, x.device, lora is not None),
         scatter=r.sort_idx, row_scale=weights_flat, lora=lora,
     )  # fmt: skip
     out = x.new_empty(num_tokens, hidden)
@@ -188,7 +188,7 @@ def experts_bwd_op(
         down_l = _lora_project(grad_out, down_b, r, gather=r.sorted_token, transposed=True)
         lora = (down_l, down_a, True)
     g = x.new_empty(num_rows, inter)
-    cfg = gemm_config(_kind("down_dx", down), inter, hidden, block_m, x.device)
+    cfg = gemm_config(_kind("down_dx", down), inter, hidden, block_m, x.device, lora is not None)
     grouped_gemm_launch(grad_out, down, g, r, cfg, b_is_kn=True, gather=r.sorted_token, lora=lora)
     dh = x.new_empty(num_rows, 2 * inter)
     w_act = x.new_empty(num_rows, inter)
@@ -214,7 +214,7 @@ def experts_bwd_op(
         lora = (gate_up_l, gate_up_a, True)
     if need_dx:  # before dgate_up: its (T*K, H) rows are freed before that large gradient exists
         rows = x.new_empty(num_rows, hidden)
-        cfg = gemm_config(_kind("gate_up_dx", gate_up), hidden, 2 * inter, block_m, x.device)
+        cfg = gemm_config(_kind("gate_up_dx", gate_up), hidden, 2 * inter, block_m, x.device, lora is not None)
         grouped_gemm_launch(dh, gate_up, rows, r, cfg, b_is_kn=True, scatter=r.sort_idx, lora=lora)
         dx = torch.empty_like(x)
         combine_launch(rows, top_k_index, num_experts, dx)

@@ -11,6 +11,7 @@ GEMM kinds (routed GEMMs, grouped_gemm/forward.py, key "<kind>|N=..|K=..|BM=..")
     gate_up_dx   dh @ gate_up[e], scatter                     (N = H, K = 2I)
     plain / plain_dx   grouped_gemm() and its dX
     <kind>_nf4   the same GEMM on 4-bit experts (B dequantized in the load)
+    <kind>+lora  the same GEMM with the LoRA term in its epilogue
 Weight-gradient kinds (grouped_gemm/backward_dw.py, key "<kind>|M=..|N=..|BM=.."):
     gate_up_dw (M = 2I, N = H), down_dw (M = H, N = I), plain_dw
 """
@@ -98,9 +99,11 @@ def dw_key(kind: str, m: int, n: int, block_m: int) -> str:
     return f"{kind}|M={m}|N={n}|BM={block_m}"
 
 
-def gemm_config(kind: str, n: int, k: int, block_m: int, device: torch.device) -> dict:
-    """Config of a routed GEMM (grouped_gemm/forward.py)."""
-    return _lookup(device, gemm_key(kind, n, k, block_m)) or default_gemm_config(kind, block_m)
+def gemm_config(kind: str, n: int, k: int, block_m: int, device: torch.device, lora: bool = False) -> dict:
+    """Config of a routed GEMM (grouped_gemm/forward.py); lora: with the LoRA term in its
+    epilogue, which has its own entries ("<kind>+lora") where tuned."""
+    found = _lookup(device, gemm_key(f"{kind}+lora", n, k, block_m)) if lora else None
+    return found or _lookup(device, gemm_key(kind, n, k, block_m)) or default_gemm_config(kind, block_m)
 
 
 def dw_config(kind: str, m: int, n: int, block_m: int, device: torch.device) -> dict:

@@ -48,7 +48,9 @@ def _load_nf4_pairs(b_ptr, absmax_ptr, code_ptr, offs, mask, QBLOCK: tl.constexp
 
 
 @triton.jit
-def _load_nf4_cols(codes_ptr, absmax_ptr, code_ptr, col, k0, offs_j, mask, n_mask, QBLOCK: tl.constexpr, dtype: tl.constexpr):
+def _load_nf4_cols(
+    codes_ptr, absmax_ptr, code_ptr, col, k0, offs_j, mask, n_mask, QBLOCK: tl.constexpr, dtype: tl.constexpr
+):
     """_load_nf4_pairs for a k-tile inside one absmax block per column: col (BLOCK_N,) the
     element offsets of the columns' k = 0 within the expert, k0 + 2 * offs_j the even k."""
     byte = tl.load(codes_ptr + (col[None, :] + k0) // 2 + offs_j[:, None], mask=mask, other=0).to(tl.int32)
@@ -169,7 +171,9 @@ def _grouped_gemm_kernel(
             a_even, a_odd = tl.split(tl.reshape(a, (BLOCK_M, BLOCK_K // 2, 2)))
             pair_mask = (2 * offs_j < K - k0)[:, None] & n_mask[None, :]
             if SCALE_PER_COL:
-                b_even, b_odd = _load_nf4_cols(codes_e, absmax_e, code_ptr, col, k0, offs_j, pair_mask, n_mask, QBLOCK, dtype)
+                b_even, b_odd = _load_nf4_cols(
+                    codes_e, absmax_e, code_ptr, col, k0, offs_j, pair_mask, n_mask, QBLOCK, dtype
+                )
             else:
                 b_even, b_odd = _load_nf4_pairs(b_ptr, absmax_ptr, code_ptr, pair_offs, pair_mask, QBLOCK, dtype)
             acc = _dot(a_odd, b_odd, _dot(a_even, b_even, acc, IEEE), IEEE)
