@@ -123,17 +123,18 @@ def experts_fwd_op(
     gate_up, down = _operands(x, gate_up, down, nf4, r)
     act = x.new_empty(num_rows, inter)
     h = x.new_empty(num_rows, 2 * inter) if save_h else x.new_empty(0)
-    # The LoRA A projections run inside these GEMMs, on the A tiles they load anyway.
-    lora = (None, gate_up_b, False) if gate_up_a is not None else None
+    lora = None
+    if gate_up_a is not None:
+        lora = (_lora_project(x, gate_up_a, r, gather=r.sorted_token), gate_up_b, False)
     grouped_gemm_launch(
         x, gate_up, act, r, gemm_config(_kind("gate_up", gate_up), inter, hidden, block_m, x.device, lora is not None),
-        gather=r.sorted_token, swiglu=True, h_out=h if save_h else None, lora=lora, lora_a=gate_up_a,
+        gather=r.sorted_token, swiglu=True, h_out=h if save_h else None, lora=lora,
     )  # fmt: skip
-    lora = (None, down_b, False) if down_a is not None else None
+    lora = (_lora_project(act, down_a, r), down_b, False) if down_a is not None else None
     rows = x.new_empty(num_rows, hidden)
     grouped_gemm_launch(
         act, down, rows, r, gemm_config(_kind("down", down), hidden, inter, block_m, x.device, lora is not None),
-        scatter=r.sort_idx, row_scale=weights_flat, lora=lora, lora_a=down_a,
+        scatter=r.sort_idx, row_scale=weights_flat, lora=lora,
     )  # fmt: skip
     out = x.new_empty(num_tokens, hidden)
     combine_launch(rows, top_k_index, num_experts, out)

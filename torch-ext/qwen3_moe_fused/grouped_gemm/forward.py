@@ -80,7 +80,6 @@ def _grouped_gemm_kernel(
     h_ptr,  # (sorted rows, 2N) pre-activation, written when SAVE_H
     lora_x_ptr,  # (sorted rows, R) LoRA-projected input, read when LORA
     lora_b_ptr,  # (E, N or 2N, R) through strides, read when LORA
-    lora_a_ptr,  # (E, R, K) through strides: LORA_A computes L in this kernel instead of reading it
     gather_ptr,  # (sorted rows,) row of A for each sorted row
     scatter_ptr,  # (sorted rows,) row of C for each sorted row
     scale_ptr,  # (rows of C,) multiplier of each output row
@@ -103,9 +102,6 @@ def _grouped_gemm_kernel(
     stride_le,
     stride_ln,
     stride_lr,
-    stride_lae,
-    stride_lar,
-    stride_lak,
     GATHER: tl.constexpr,
     SCATTER: tl.constexpr,
     ROW_SCALE: tl.constexpr,
@@ -113,7 +109,6 @@ def _grouped_gemm_kernel(
     SAVE_H: tl.constexpr,
     IEEE: tl.constexpr,
     LORA: tl.constexpr,
-    LORA_A: tl.constexpr,
     NF4: tl.constexpr,
     NF4_PAIRS: tl.constexpr,
     SCALE_PER_COL: tl.constexpr,
@@ -157,10 +152,6 @@ def _grouped_gemm_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if SWIGLU:
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if LORA_A:
-        offs_rl = tl.arange(0, BLOCK_R)
-        la_ptrs = lora_a_ptr + expert.to(tl.int64) * stride_lae + offs_rl[None, :] * stride_lar + offs_k[:, None] * stride_lak
-        acc_l = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     if NF4_PAIRS == 1:
         # 4-bit B, k contiguous: the two values of a byte are neighbours along k. Load each byte
         # once, and multiply the even / odd columns of A by them (two dots of BLOCK_K / 2).
@@ -177,10 +168,6 @@ def _grouped_gemm_kernel(
             pair_offs = b_base + offs_n[None, :].to(tl.int64) * stride_bn + 2 * offs_j[:, None]
         for k0 in range(0, K, BLOCK_K):
             a = tl.load(a_ptrs, mask=row_mask[:, None] & (offs_k < K - k0)[None, :], other=0.0)
-            if LORA_A:  # the LoRA projection L = a @ A[e]^T from the same A tiles
-                la_mask = (offs_k < K - k0)[:, None] & (offs_rl < R)[None, :]
-                acc_l = _dot(a, tl.load(la_ptrs, mask=la_mask, other=0.0), acc_l, IEEE)
-                la_ptrs += BLOCK_K * stride_lak
             a_even, a_odd = tl.split(tl.reshape(a, (BLOCK_M, BLOCK_K // 2, 2)))
             pair_mask = (2 * offs_j < K - k0)[:, None] & n_mask[None, :]
             if SCALE_PER_COL:
@@ -212,10 +199,6 @@ def _grouped_gemm_kernel(
         for k0 in range(0, K, BLOCK_K):
             k_mask = offs_k < K - k0
             a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            if LORA_A:  # the LoRA projection L = a @ A[e]^T from the same A tiles
-                la_mask = (offs_k < K - k0)[:, None] & (offs_rl < R)[None, :]
-                acc_l = _dot(a, tl.load(la_ptrs, mask=la_mask, other=0.0), acc_l, IEEE)
-                la_ptrs += BLOCK_K * stride_lak
             pair_mask = k_mask[:, None] & (offs_i < N)[None, :]
             b_even, b_odd = _load_nf4_pairs(b_ptr, absmax_ptr, code_ptr, pair_offs, pair_mask, QBLOCK, dtype)
             acc_even = _dot(a, b_even, acc_even, IEEE)
@@ -230,10 +213,6 @@ def _grouped_gemm_kernel(
         n0 = pid_n * BLOCK_N
         for k0 in range(0, K, BLOCK_K):
             a = tl.load(a_ptrs, mask=row_mask[:, None] & (offs_k < K - k0)[None, :], other=0.0)
-            if LORA_A:  # the LoRA projection L = a @ A[e]^T from the same A tiles
-                la_mask = (offs_k < K - k0)[:, None] & (offs_rl < R)[None, :]
-                acc_l = _dot(a, tl.load(la_ptrs, mask=la_mask, other=0.0), acc_l, IEEE)
-                la_ptrs += BLOCK_K * stride_lak
             if B_KN:
                 b = b_desc.load([expert * b_rows + k0, n0])
             else:
@@ -247,10 +226,6 @@ def _grouped_gemm_kernel(
         for k0 in range(0, K, BLOCK_K):
             k_mask = offs_k < K - k0
             a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            if LORA_A:  # the LoRA projection L = a @ A[e]^T from the same A tiles
-                la_mask = (offs_k < K - k0)[:, None] & (offs_rl < R)[None, :]
-                acc_l = _dot(a, tl.load(la_ptrs, mask=la_mask, other=0.0), acc_l, IEEE)
-                la_ptrs += BLOCK_K * stride_lak
             b_mask = k_mask[:, None] & n_mask[None, :]
             acc = _dot(a, _load_b(b_ptr, absmax_ptr, code_ptr, b_offs, b_mask, NF4, QBLOCK, dtype), acc, IEEE)
             if SWIGLU:
@@ -262,14 +237,11 @@ def _grouped_gemm_kernel(
     if LORA:
         offs_r = tl.arange(0, BLOCK_R)
         r_mask = offs_r < R
-        if LORA_A:  # rounded as the stored L of a separate projection would be
-            lora_x = acc_l.to(dtype)
-        else:
-            lora_x = tl.load(
-                lora_x_ptr + rows.to(tl.int64)[:, None] * stride_lx + offs_r[None, :],
-                mask=row_mask[:, None] & r_mask[None, :],
-                other=0.0,
-            )
+        lora_x = tl.load(
+            lora_x_ptr + rows.to(tl.int64)[:, None] * stride_lx + offs_r[None, :],
+            mask=row_mask[:, None] & r_mask[None, :],
+            other=0.0,
+        )
         lb_ptrs = lora_b_ptr + expert.to(tl.int64) * stride_le + offs_n[None, :] * stride_ln + offs_r[:, None] * stride_lr
         lb_mask = r_mask[:, None] & n_mask[None, :]
         acc = _dot(lora_x, tl.load(lb_ptrs, mask=lb_mask, other=0.0), acc, IEEE)
@@ -327,8 +299,7 @@ def grouped_gemm_launch(
     row_scale: torch.Tensor | None = None,
     swiglu: bool = False,
     h_out: torch.Tensor | None = None,
-    lora: tuple[torch.Tensor | None, torch.Tensor, bool] | None = None,
-    lora_a: torch.Tensor | None = None,
+    lora: tuple[torch.Tensor, torch.Tensor, bool] | None = None,
 ) -> torch.Tensor:
     """Launch the grouped GEMM into out (rows, N).
 
@@ -337,8 +308,7 @@ def grouped_gemm_launch(
     gather / scatter: (sorted rows,) int32 row maps; row_scale: (rows of out,).
     h_out: (sorted rows, 2N) receives (gate, up) when swiglu.
     lora: (L, LB, lb_is_rn): L (sorted rows, R) and LB (E, N or 2N, R), or (E, R, N) when
-    lb_is_rn; adds L @ LB[e]^T to each row before the epilogue. With lora_a (E, R, K), L is
-    None and computed here from the A tiles this GEMM loads anyway (no second pass over A).
+    lb_is_rn; adds L @ LB[e]^T to each row before the epilogue.
     """
     n_out, k_in = out.shape[1], a.shape[1]
     nf4 = isinstance(b, Nf4Weight)
@@ -366,11 +336,8 @@ def grouped_gemm_launch(
     lora_x, lora_b, rank, stride_le, stride_ln, stride_lr = out, out, 0, 0, 0, 0
     if lora is not None:
         lora_x, lora_b, lb_is_rn = lora
-        rank = lora_x.shape[1] if lora_x is not None else lora_a.shape[1]
-        stride_le = lora_b.stride(0)
+        rank, stride_le = lora_x.shape[1], lora_b.stride(0)
         stride_ln, stride_lr = (lora_b.stride(2), lora_b.stride(1)) if lb_is_rn else (lora_b.stride(1), lora_b.stride(2))
-        lora_x = lora_x if lora_x is not None else out  # never read when lora_a is given
-    lora_a_strides = lora_a.stride() if lora_a is not None else (0, 0, 0)
     b_desc, b_rows = _b_descriptor(b, config, b_is_kn, k_in) if not nf4 else (None, 0)
     _grouped_gemm_kernel[grid](
         a,
@@ -383,7 +350,6 @@ def grouped_gemm_launch(
         h_out if h_out is not None else out,
         lora_x,
         lora_b,
-        lora_a if lora_a is not None else out,
         gather if gather is not None else dummy,
         scatter if scatter is not None else dummy,
         row_scale if row_scale is not None else out,
@@ -406,7 +372,6 @@ def grouped_gemm_launch(
         stride_le,
         stride_ln,
         stride_lr,
-        *lora_a_strides,
         GATHER=gather is not None,
         SCATTER=scatter is not None,
         ROW_SCALE=row_scale is not None,
@@ -414,7 +379,6 @@ def grouped_gemm_launch(
         SAVE_H=h_out is not None,
         IEEE=a.dtype == torch.float32,
         LORA=lora is not None,
-        LORA_A=lora_a is not None,
         NF4=nf4,
         NF4_PAIRS=nf4_pairs,
         SCALE_PER_COL=scale_per_col,
