@@ -138,10 +138,10 @@ def _lora_reference(x, gate_up, down, ids, weights, gate_up_lora, down_lora):
     return moe_experts_reference(x, merge(gate_up, gate_up_lora), merge(down, down_lora), ids, weights)
 
 
-@pytest.mark.parametrize("num_tokens", [1, 2048])
-def test_lora_bf16(kernel, num_tokens):
-    """LoRA r = 16 on both expert tensors, frozen base, bf16 on the 30B-A3B shape."""
-    x, gate_up, down, ids, weights = _inputs(num_tokens, **QWEN3_30B)
+def _lora_bf16_errors(kernel, x, gate_up, down, ids, weights, dense_gate_up, dense_down):
+    """LoRA r = 16 on both expert tensors of (gate_up, down), bf16: relative errors of the
+    output and of the gradients (x, gate_up A, gate_up B, down A, down B) against float64 on
+    the dense weights (dense_gate_up, dense_down)."""
     num_experts, hidden, inter, rank = QWEN3_30B["num_experts"], QWEN3_30B["hidden"], QWEN3_30B["inter"], 16
     g = torch.Generator().manual_seed(2)
 
@@ -150,17 +150,28 @@ def test_lora_bf16(kernel, num_tokens):
 
     gate_up_lora = (factor(num_experts, rank, hidden, fan_in=hidden), factor(num_experts, 2 * inter, rank, fan_in=rank))
     down_lora = (factor(num_experts, rank, inter, fan_in=inter), factor(num_experts, hidden, rank, fan_in=rank))
-    x.requires_grad_()
+    x = x.requires_grad_()
     out = kernel.moe_experts_forward(x, gate_up, down, ids, weights, gate_up_lora=gate_up_lora, down_lora=down_lora)
     leaves = [x, *gate_up_lora, *down_lora]
     grad_out = torch.randn_like(out)
     grads = torch.autograd.grad(out, leaves, grad_out)
     ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
-    ref = _lora_reference(ref_leaves[0], gate_up, down, ids, weights, ref_leaves[1:3], ref_leaves[3:5])
+    ref = _lora_reference(ref_leaves[0], dense_gate_up, dense_down, ids, weights, ref_leaves[1:3], ref_leaves[3:5])
     ref_grads = torch.autograd.grad(ref, ref_leaves, grad_out.double())
-    assert rel_err(out, ref) < 8e-3
-    for name, a, b in zip(("x", "gate_up A", "gate_up B", "down A", "down B"), grads, ref_grads):
-        assert rel_err(a, b) < 1e-2, name
+    return rel_err(out, ref), [rel_err(a, b) for a, b in zip(grads, ref_grads)]
+
+
+LORA_GRADS = ("x", "gate_up A", "gate_up B", "down A", "down B")
+
+
+@pytest.mark.parametrize("num_tokens", [1, 2048])
+def test_lora_bf16(kernel, num_tokens):
+    """LoRA r = 16 on both expert tensors, frozen base, bf16 on the 30B-A3B shape."""
+    x, gate_up, down, ids, weights = _inputs(num_tokens, **QWEN3_30B)
+    out_err, grad_errs = _lora_bf16_errors(kernel, x, gate_up, down, ids, weights, gate_up, down)
+    assert out_err < 8e-3
+    for name, err in zip(LORA_GRADS, grad_errs):
+        assert err < 1e-2, name
 
 
 @pytest.mark.parametrize("num_tokens", [1, 512, 4096])
@@ -178,28 +189,11 @@ def test_4bit_bf16(kernel, monkeypatch, num_tokens, path):
     experts.down_proj = torch.nn.Parameter(down.clone(), requires_grad=False)
     kernel.quantize_experts_4bit(experts)
     dense = [dequantize_4bit(*quantize_4bit(w, blocksize=64, quant_type="nf4"), quant_type="nf4") for w in (gate_up, down)]
-    num_experts, hidden, inter, rank = QWEN3_30B["num_experts"], QWEN3_30B["hidden"], QWEN3_30B["inter"], 16
-    g = torch.Generator().manual_seed(2)
-
-    def factor(*shape, fan_in):
-        return (torch.randn(*shape, generator=g) * fan_in**-0.5).to(torch.bfloat16).cuda().requires_grad_()
-
-    gate_up_lora = (factor(num_experts, rank, hidden, fan_in=hidden), factor(num_experts, 2 * inter, rank, fan_in=rank))
-    down_lora = (factor(num_experts, rank, inter, fan_in=inter), factor(num_experts, hidden, rank, fan_in=rank))
-    x.requires_grad_()
-    out = kernel.moe_experts_forward(x, experts.gate_up_proj, experts.down_proj, ids, weights,
-                                     gate_up_lora=gate_up_lora, down_lora=down_lora)  # fmt: skip
-    leaves = [x, *gate_up_lora, *down_lora]
-    grad_out = torch.randn_like(out)
-    grads = torch.autograd.grad(out, leaves, grad_out)
-    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
-    ref = _lora_reference(ref_leaves[0], *dense, ids, weights, ref_leaves[1:3], ref_leaves[3:5])
-    ref_grads = torch.autograd.grad(ref, ref_leaves, grad_out.double())
-    print(f"\n4-bit {path} T={num_tokens}: rel err out {rel_err(out, ref):.2e}, grads "
-          + " ".join(f"{rel_err(a, b):.2e}" for a, b in zip(grads, ref_grads)))  # fmt: skip
-    assert rel_err(out, ref) < 8e-3
-    for name, a, b in zip(("x", "gate_up A", "gate_up B", "down A", "down B"), grads, ref_grads):
-        assert rel_err(a, b) < 1e-2, name
+    out_err, grad_errs = _lora_bf16_errors(kernel, x, experts.gate_up_proj, experts.down_proj, ids, weights, *dense)
+    print(f"\n4-bit {path} T={num_tokens}: rel err out {out_err:.2e}, grads " + " ".join(f"{e:.2e}" for e in grad_errs))
+    assert out_err < 8e-3
+    for name, err in zip(LORA_GRADS, grad_errs):
+        assert err < 1e-2, name
 
 
 def test_tma_weight_loads_bit_equal(kernel, monkeypatch):
