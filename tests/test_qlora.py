@@ -22,6 +22,7 @@ from kernels import Mode  # noqa: E402
 from peft import PeftModel, get_peft_model  # noqa: E402
 from reference import moe_experts_lora_reference, random_routing, rel_err  # noqa: E402
 from test_lora import (  # noqa: E402
+    EXPERT_PARAMS,
     RTOL,
     _assert_fused,
     _batch,
@@ -31,10 +32,9 @@ from test_lora import (  # noqa: E402
     _observe,
     _randomize_lora,
     _step,
+    two_layer_checkpoint,
 )
-from tiny_model import kernelize_moe, load_tiny, moe_blocks, write_tiny_checkpoint  # noqa: E402
-
-EXPERT_PARAMS = ("gate_up_proj", "down_proj")
+from tiny_model import kernelize_moe, load_tiny, moe_blocks  # noqa: E402
 
 
 def bnb_dequantized(weight: torch.Tensor, blocksize: int = 64) -> torch.Tensor:
@@ -134,15 +134,6 @@ def test_4bit_needs_both_tensors_quantized(kernel):
 
 # ================================================================ models
 
-SMALL = dict(num_experts=4)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-qwen3-moe-qlora")
-    write_tiny_checkpoint(path, num_hidden_layers=2, **SMALL)
-    return path
-
 
 def _dequantized_reference(path):
     """The tiny model with every expert tensor replaced by bitsandbytes' NF4 round trip."""
@@ -155,11 +146,11 @@ def _dequantized_reference(path):
     return model
 
 
-def test_4bit_model_matches_eager_on_dequantized_weights(kernel, checkpoint, path):
+def test_4bit_model_matches_eager_on_dequantized_weights(kernel, two_layer_checkpoint, path):
     """Kernelized model with 4-bit experts: logits, loss, aux_loss and the gradients of every
     other parameter and of the input embeddings, against Transformers' eager loop."""
-    ref = _dequantized_reference(checkpoint).train()
-    ours = kernelize_moe(kernel.quantize_experts_4bit(load_tiny(checkpoint)), Mode.TRAINING).train()
+    ref = _dequantized_reference(two_layer_checkpoint).train()
+    ours = kernelize_moe(kernel.quantize_experts_4bit(load_tiny(two_layer_checkpoint)), Mode.TRAINING).train()
     for block in moe_blocks(ours):
         assert all(getattr(block.experts, name).dtype == torch.uint8 for name in EXPERT_PARAMS)
     batch = _batch()
@@ -179,16 +170,16 @@ def test_4bit_model_matches_eager_on_dequantized_weights(kernel, checkpoint, pat
 
 
 @pytest.mark.parametrize("order", ["quantize-first", "peft-first"])
-def test_qlora_matches_peft_on_dequantized_weights(kernel, checkpoint, order):
+def test_qlora_matches_peft_on_dequantized_weights(kernel, two_layer_checkpoint, order):
     """QLoRA: PEFT target_parameters LoRA (rslora) on 4-bit experts, kernelized, against PEFT's
     own LoRA on a model holding bitsandbytes' dequantized weights; then the adapter, saved by
     PEFT, loads into that 16-bit model with the same outputs."""
     config = _lora_config(r=4, lora_alpha=8, use_rslora=True)
-    ref = get_peft_model(_dequantized_reference(checkpoint), copy.deepcopy(config))
+    ref = get_peft_model(_dequantized_reference(two_layer_checkpoint), copy.deepcopy(config))
     if order == "quantize-first":
-        ours = get_peft_model(kernel.quantize_experts_4bit(load_tiny(checkpoint)), copy.deepcopy(config))
+        ours = get_peft_model(kernel.quantize_experts_4bit(load_tiny(two_layer_checkpoint)), copy.deepcopy(config))
     else:
-        ours = kernel.quantize_experts_4bit(get_peft_model(load_tiny(checkpoint), copy.deepcopy(config)))
+        ours = kernel.quantize_experts_4bit(get_peft_model(load_tiny(two_layer_checkpoint), copy.deepcopy(config)))
     ours = kernelize_moe(ours, Mode.TRAINING)
     for model in (ref, ours):
         _randomize_lora(model)
@@ -206,20 +197,20 @@ def test_qlora_matches_peft_on_dequantized_weights(kernel, checkpoint, order):
         assert ref_grad.abs().max() > 0 and rel_err(grads[name], ref_grad) <= RTOL, name
 
 
-def test_qlora_adapter_loads_into_16bit_model(kernel, checkpoint, tmp_path):
-    ours = get_peft_model(kernel.quantize_experts_4bit(load_tiny(checkpoint)), _lora_config())
+def test_qlora_adapter_loads_into_16bit_model(kernel, two_layer_checkpoint, tmp_path):
+    ours = get_peft_model(kernel.quantize_experts_4bit(load_tiny(two_layer_checkpoint)), _lora_config())
     ours = kernelize_moe(ours, Mode.INFERENCE).eval()
     _randomize_lora(ours)
     batch = _batch()
     logits, activity = _logits(ours, batch, lambda: _observe(kernel))
     _assert_fused(activity, forwards=2)
     ours.save_pretrained(tmp_path / "adapter")
-    loaded = PeftModel.from_pretrained(_dequantized_reference(checkpoint), tmp_path / "adapter").eval()
+    loaded = PeftModel.from_pretrained(_dequantized_reference(two_layer_checkpoint), tmp_path / "adapter").eval()
     loaded_logits, _ = _logits(loaded, batch)
     assert rel_err(loaded_logits, logits) <= RTOL
 
 
-def test_qlora_with_bitsandbytes_linear_layers(kernel, checkpoint):
+def test_qlora_with_bitsandbytes_linear_layers(kernel, two_layer_checkpoint):
     """The QLoRA setup users have: from_pretrained with BitsAndBytesConfig(load_in_4bit=True)
     and device_map (bitsandbytes quantizes the linear layers), then quantize_experts_4bit and
     kernelize, then PEFT on attention and experts; against the same bitsandbytes model with
@@ -229,7 +220,7 @@ def test_qlora_with_bitsandbytes_linear_layers(kernel, checkpoint):
     bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
 
     def load():
-        return load_tiny(checkpoint, quantization_config=bnb_config, device_map="cpu")
+        return load_tiny(two_layer_checkpoint, quantization_config=bnb_config, device_map="cpu")
 
     config = _lora_config(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     reference = load()

@@ -38,7 +38,7 @@ def _routing(tensors: list[Tensor], block_m: int) -> Routing:
 # or, with many rows per expert, the weights are dequantized first (tuning.dequantize_first).
 
 
-def _shapes(x, gate_up, down, nf4):
+def _shapes(gate_up, down, nf4):
     """-> (E, I) of the experts."""
     return (nf4[0], nf4[1]) if nf4 else (gate_up.shape[0], down.shape[2])
 
@@ -115,7 +115,7 @@ def experts_fwd_op(
     """-> out (T, H); the pre-activation h (T*K, 2I) in sorted order when save_h (else empty);
     the routing (sort_idx, sorted_token, expert_offsets, tile_expert, tile_row_start) that
     the backward reuses."""
-    num_experts, inter = _shapes(x, gate_up, down, nf4)
+    num_experts, inter = _shapes(gate_up, down, nf4)
     r = route(top_k_index, num_experts, block_m, True)
     weights_flat = top_k_weights.reshape(-1)
     num_tokens, hidden = x.shape
@@ -143,7 +143,7 @@ def experts_fwd_op(
 
 @experts_fwd_op.register_fake
 def _(x, gate_up, down, top_k_index, top_k_weights, gate_up_a, gate_up_b, down_a, down_b, nf4, block_m, save_h):
-    num_rows, (num_experts, inter) = top_k_index.numel(), _shapes(x, gate_up, down, nf4)
+    num_rows, (num_experts, inter) = top_k_index.numel(), _shapes(gate_up, down, nf4)
     h = x.new_empty(num_rows, 2 * inter) if save_h else x.new_empty(0)
     n_tiles = max_tiles(num_rows, num_experts, block_m)
     index = [x.new_empty(n, dtype=torch.int32) for n in (num_rows, num_rows, num_experts + 1, n_tiles, n_tiles)]
@@ -176,7 +176,7 @@ def experts_bwd_op(
     r = _routing(routing, block_m)
     weights_flat = top_k_weights.reshape(-1)
     grad_out = grad_out.to(x.dtype).contiguous()
-    num_experts, inter = _shapes(x, gate_up, down, nf4)
+    num_experts, inter = _shapes(gate_up, down, nf4)
     num_rows, hidden = top_k_index.numel(), x.shape[1]
     gate_up, down = _operands(x, gate_up, down, nf4, r)
     # Outputs of a custom op may not alias each other: one empty tensor each.
@@ -301,7 +301,7 @@ def moe_experts(x, gate_up, down, top_k_index, top_k_weights, gate_up_lora=None,
         if nf4:
             gate_up, down = (_dequantized(nf4_weight(w), x.dtype) for w in (gate_up, down))
         return _experts_torch(x, gate_up, down, top_k_index, top_k_weights, lora)
-    block_m = block_m_for(top_k_index.numel(), _shapes(x, gate_up, down, nf4)[0])
+    block_m = block_m_for(top_k_index.numel(), _shapes(gate_up, down, nf4)[0])
     inputs = (x.contiguous(), gate_up, down, top_k_index.contiguous(), top_k_weights.contiguous(), *lora)
     save_h = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
     return experts_fwd_op(*inputs, nf4, block_m, save_h)[0]
