@@ -37,14 +37,20 @@ def _load_b(b_ptr, absmax_ptr, code_ptr, offs, mask, NF4: tl.constexpr, QBLOCK: 
 
 
 @triton.jit
+def _nf4_byte_values(byte, scale, code_ptr, dtype: tl.constexpr):
+    """The two values of NF4 bytes (high nibble first): code * absmax, rounded once to dtype."""
+    high = (tl.load(code_ptr + (byte >> 4)) * scale).to(dtype)
+    low = (tl.load(code_ptr + (byte & 15)) * scale).to(dtype)
+    return high, low
+
+
+@triton.jit
 def _load_nf4_pairs(b_ptr, absmax_ptr, code_ptr, offs, mask, QBLOCK: tl.constexpr, dtype: tl.constexpr):
     """4-bit B at even flat offsets offs and at offs + 1: both in the byte offs // 2 (high,
     low nibble) and in one absmax block (blocksizes are even)."""
     byte = tl.load(b_ptr + (offs >> 1), mask=mask, other=0).to(tl.int32)
     scale = tl.load(absmax_ptr + offs // QBLOCK, mask=mask, other=0.0)
-    high = (tl.load(code_ptr + (byte >> 4)) * scale).to(dtype)
-    low = (tl.load(code_ptr + (byte & 15)) * scale).to(dtype)
-    return high, low
+    return _nf4_byte_values(byte, scale, code_ptr, dtype)
 
 
 @triton.jit
@@ -55,9 +61,7 @@ def _load_nf4_cols(
     element offsets of the columns' k = 0 within the expert, k0 + 2 * offs_j the even k."""
     byte = tl.load(codes_ptr + (col[None, :] + k0) // 2 + offs_j[:, None], mask=mask, other=0).to(tl.int32)
     scale = tl.load(absmax_ptr + (col + k0) // QBLOCK, mask=n_mask, other=0.0)[None, :]
-    high = (tl.load(code_ptr + (byte >> 4)) * scale).to(dtype)
-    low = (tl.load(code_ptr + (byte & 15)) * scale).to(dtype)
-    return high, low
+    return _nf4_byte_values(byte, scale, code_ptr, dtype)
 
 
 @triton.jit
