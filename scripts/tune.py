@@ -146,6 +146,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="only the 30B-A3B shape")
     parser.add_argument("--routed-only", action="store_true", help="only the routed GEMMs at the training token count")
+    parser.add_argument("--tokens", type=int, nargs="+", help="token counts to tune at (default: the training "
+                        "count, 16384 for 30B-A3B and 8192 for 235B-A22B, and 16 for decode)")  # fmt: skip
     parser.add_argument("--log", default=os.path.join(os.environ.get("OUT", "/tmp"), "tune.log"))
     args = parser.parse_args()
     name = tuning.device_key(torch.cuda.get_device_name())
@@ -156,7 +158,8 @@ def main():
         for shape, (hidden, inter) in SHAPES.items():
             if args.quick and shape != "qwen3-30b-a3b":
                 continue
-            for num_tokens in (16384 if hidden == 2048 else 8192,) + (() if args.routed_only else (16,)):
+            token_counts = (16384 if hidden == 2048 else 8192,) + (() if args.routed_only else (16,))
+            for num_tokens in args.tokens or token_counts:
                 tune_shape(hidden, inter, num_tokens, configs, log, args.routed_only)
             write(path, name, configs)  # after each shape: a partial run still leaves its results
     print(f"wrote {path} ({len(configs)} configs) in {time.time() - start:.0f} s")

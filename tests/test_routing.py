@@ -72,6 +72,8 @@ def _assert_same_routing(a, b):
         (200, 60, 4, 32, 0, 60),
         (150, 512, 8, 16, 0, 512),  # 512 experts: 1200 rows, most experts with 0-5 rows
         (700, 6, 2, 16, -2, 9),  # 1400 rows, out-of-range ids in both blocks
+        (128, 16, 8, 16, -1, 17),  # 1024 rows: the largest routed in one launch, out-of-range ids
+        (129, 16, 8, 32, 0, 16),  # 1032 rows: the smallest routed in three launches
         (0, 60, 8, 16, 0, 60),
         (1, 3, 1, 16, 0, 3),
     ],

@@ -186,25 +186,42 @@ def sample_batch(vocab_size: int, batch: int = 2, seq_len: int = 11, seed: int =
 
 @contextlib.contextmanager
 def kernel_activity(kernel, record_ops: bool = True):
-    """Record what of `kernel` runs: the custom ops of its namespace that are dispatched, and
-    its Triton kernels that are launched (compiled or interpreted).
+    """Record what of `kernel` runs: its ops (the custom ops of its namespace that are
+    dispatched, and their implementations called directly by the autograd.Function that
+    stands in for them outside torch.compile), and its Triton kernels that are launched
+    (compiled or interpreted).
 
     Yields a dict {"ops": {op name: calls}, "launches": {triton kernel name: launches}}.
-    Ops are recorded by a TorchDispatchMode, which torch.compile refuses: pass
+    Custom ops are recorded by a TorchDispatchMode, which torch.compile refuses: pass
     record_ops=False around compiled code (launches are still counted).
     """
+    import importlib
+
     import triton
     from torch.utils._python_dispatch import TorchDispatchMode
 
     namespace = kernel._ops.add_op_namespace_prefix("x").split("::")[0]
     activity = {"ops": {}, "launches": {}}
 
+    def count(kind, name):
+        activity[kind][name] = activity[kind].get(name, 0) + 1
+
     class RecordOps(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if func.namespace == namespace:
-                name = func.__name__.split(".")[0]
-                activity["ops"][name] = activity["ops"].get(name, 0) + 1
+                count("ops", func.__name__.split(".")[0])
             return func(*args, **(kwargs or {}))
+
+    # The eager path calls the ops' implementations (functional._<op name>) by name.
+    functional = importlib.import_module(kernel.__name__ + ".functional")
+    impls = {name: getattr(functional, f"_{name}") for name in ("experts_fwd", "experts_bwd")}
+
+    def counted_impl(name, impl):
+        def call(*args, **kwargs):
+            count("ops", name)
+            return impl(*args, **kwargs)
+
+        return call
 
     launchers = [triton.runtime.jit.JITFunction]
     with contextlib.suppress(ImportError):
@@ -217,19 +234,23 @@ def kernel_activity(kernel, record_ops: bool = True):
         def run(self, *args, **kwargs):
             fn = getattr(self, "fn", None)
             if getattr(fn, "__module__", "").startswith(kernel.__name__ + "."):
-                activity["launches"][fn.__name__] = activity["launches"].get(fn.__name__, 0) + 1
+                count("launches", fn.__name__)
             return original(self, *args, **kwargs)
 
         return run
 
     for cls, original in originals.items():
         cls.run = counting(original)
+    for name, impl in impls.items():
+        setattr(functional, f"_{name}", counted_impl(name, impl))
     try:
         with RecordOps() if record_ops else contextlib.nullcontext():
             yield activity
     finally:
         for cls, original in originals.items():
             cls.run = original
+        for name, impl in impls.items():
+            setattr(functional, f"_{name}", impl)
 
 
 def triton_expected(device) -> bool:

@@ -25,17 +25,18 @@ def _swiglu_backward_kernel(
     expert_offsets_ptr,  # (E + 1,)
     dh_ptr,  # (sorted rows, 2I)
     w_act_ptr,  # (sorted rows, I)
-    dweights_ptr,  # (T * K,) float32, zero where never written
+    dweights_ptr,  # (T * K,) out, in the routing weights' dtype
+    num_rows,
     num_experts,
     I,
     BLOCK_R: tl.constexpr,
     BLOCK_I: tl.constexpr,
 ):
-    first_row = tl.load(expert_offsets_ptr)
+    # Rows past offsets[E] hold out-of-range expert ids: no expert ran, their gradient is 0.
     last_row = tl.load(expert_offsets_ptr + num_experts)
-    rows = first_row + tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < last_row
-    flat = tl.load(sort_idx_ptr + rows, mask=row_mask, other=0)
+    flat = tl.load(sort_idx_ptr + rows, mask=rows < num_rows, other=0)
     w = tl.load(weights_ptr + flat, mask=row_mask, other=0.0).to(tl.float32)
     rows64 = rows.to(tl.int64)
     d_w = tl.zeros((BLOCK_R,), dtype=tl.float32)
@@ -58,7 +59,7 @@ def _swiglu_backward_kernel(
         tl.store(dh_row + I, d_up.to(dh_ptr.dtype.element_ty), mask=mask)
         w_act = act * w[:, None]
         tl.store(w_act_ptr + rows64[:, None] * I + cols[None, :], w_act.to(w_act_ptr.dtype.element_ty), mask=mask)
-    tl.store(dweights_ptr + flat, d_w, mask=row_mask)
+    tl.store(dweights_ptr + flat, d_w.to(dweights_ptr.dtype.element_ty), mask=rows < num_rows)
 
 
 def swiglu_backward_launch(
@@ -73,7 +74,10 @@ def swiglu_backward_launch(
 ) -> None:
     """Fill dh (rows, 2I), w_act (rows, I) and dweights (T * K,) from g (rows, I), h (rows, 2I)."""
     num_rows, inter = g.shape
-    if num_rows == 0 or inter == 0:
+    if num_rows == 0:
+        return
+    if inter == 0:
+        dweights.zero_()
         return
     block_i = min(triton.next_power_of_2(inter), 128)
     _swiglu_backward_kernel[(triton.cdiv(num_rows, block_r),)](
@@ -85,6 +89,7 @@ def swiglu_backward_launch(
         dh,
         w_act,
         dweights,
+        num_rows,
         routing.expert_offsets.numel() - 1,
         inter,
         BLOCK_R=block_r,

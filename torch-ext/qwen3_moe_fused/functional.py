@@ -1,5 +1,8 @@
 """torch.library custom ops tying routing and kernels together, with autograd and fake
-implementations so torch.compile traces the MoE block without graph breaks.
+implementations so torch.compile traces the MoE block without graph breaks. Outside
+torch.compile the same implementations run through a plain autograd.Function: the
+custom-op dispatch costs a few hundred microseconds of host time per call, which decode
+and small batches would pay on every layer.
 
 Triton runs on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1; other
 tensors take a PyTorch path (the experts loop, plain autograd).
@@ -8,6 +11,7 @@ tensors take a PyTorch path (the experts loop, plain autograd).
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ._ops import add_op_namespace_prefix
 from .activation import swiglu_backward_launch
@@ -97,8 +101,7 @@ def _lora_dw_config(grad: Tensor, block_m: int) -> dict:
     return dw_config("lora_dw", grad.shape[1], grad.shape[2], block_m, grad.device)
 
 
-@torch.library.custom_op(add_op_namespace_prefix("experts_fwd"), mutates_args=())
-def experts_fwd_op(
+def _experts_fwd(
     x: Tensor,
     gate_up: Tensor,
     down: Tensor,
@@ -141,6 +144,9 @@ def experts_fwd_op(
     return out, h, *r[:5]
 
 
+experts_fwd_op = torch.library.custom_op(add_op_namespace_prefix("experts_fwd"), _experts_fwd, mutates_args=())
+
+
 @experts_fwd_op.register_fake
 def _(x, gate_up, down, top_k_index, top_k_weights, gate_up_a, gate_up_b, down_a, down_b, nf4, block_m, save_h):
     num_rows, (num_experts, inter) = top_k_index.numel(), _shapes(gate_up, down, nf4)
@@ -150,8 +156,7 @@ def _(x, gate_up, down, top_k_index, top_k_weights, gate_up_a, gate_up_b, down_a
     return torch.empty_like(x), h, *index
 
 
-@torch.library.custom_op(add_op_namespace_prefix("experts_bwd"), mutates_args=())
-def experts_bwd_op(
+def _experts_bwd(
     grad_out: Tensor,
     x: Tensor,
     gate_up: Tensor,
@@ -192,7 +197,7 @@ def experts_bwd_op(
     grouped_gemm_launch(grad_out, down, g, r, cfg, b_is_kn=True, gather=r.sorted_token, lora=lora)
     dh = x.new_empty(num_rows, 2 * inter)
     w_act = x.new_empty(num_rows, inter)
-    dweights = torch.zeros(num_rows, dtype=torch.float32, device=x.device)
+    dweights = torch.empty(num_rows, dtype=top_k_weights.dtype, device=x.device)
     swiglu_backward_launch(g, h, weights_flat, r, dh, w_act, dweights, rows_block())
     del g  # free row buffers as soon as they are consumed: lower peak memory
 
@@ -229,8 +234,11 @@ def experts_bwd_op(
         dgate_up = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=gate_up.device)
         cfg = dw_config("gate_up_dw", 2 * inter, hidden, block_m, x.device)
         grouped_dw_launch(dh, x, dgate_up, r, cfg, b_gather=r.sorted_token)
-    dweights = dweights.view(top_k_weights.shape).to(top_k_weights.dtype)
+    dweights = dweights.view(top_k_weights.shape)
     return dx, dgate_up, ddown, dweights, dgate_up_a, dgate_up_b, ddown_a, ddown_b
+
+
+experts_bwd_op = torch.library.custom_op(add_op_namespace_prefix("experts_bwd"), _experts_bwd, mutates_args=())
 
 
 @experts_bwd_op.register_fake
@@ -253,13 +261,14 @@ def _experts_setup_context(ctx, inputs, output):
     ctx.nf4, ctx.block_m = nf4, block_m
 
 
-def _experts_backward(ctx, grad_out, *unused_grads):
+def _experts_backward(ctx, grad_out, bwd):
+    """Gradients of the 12 inputs of _experts_fwd, computed by bwd (_experts_bwd or its custom op)."""
     x, gate_up, down, top_k_index, top_k_weights, gate_up_a, gate_up_b, down_a, down_b, h, *routing = ctx.saved_tensors
     need = ctx.needs_input_grad
     if h.numel() == 0 and top_k_index.numel() > 0:
         raise RuntimeError("qwen3_moe_fused: backward needs the activations saved by a forward run with grad")
     need_lora = any(need[5:9])
-    grads = experts_bwd_op(
+    grads = bwd(
         grad_out, x, gate_up, down, top_k_index, top_k_weights, gate_up_a, gate_up_b, down_a, down_b, h, routing,
         ctx.nf4, ctx.block_m, need[0], need[1], need[2], need_lora,
     )  # fmt: skip
@@ -278,7 +287,25 @@ def _experts_backward(ctx, grad_out, *unused_grads):
     )
 
 
-torch.library.register_autograd(experts_fwd_op, _experts_backward, setup_context=_experts_setup_context)
+torch.library.register_autograd(
+    experts_fwd_op, lambda ctx, grad_out, *_: _experts_backward(ctx, grad_out, experts_bwd_op),
+    setup_context=_experts_setup_context,
+)  # fmt: skip
+
+
+class _Experts(torch.autograd.Function):
+    """experts_fwd_op and its autograd outside torch.compile, without the custom-op dispatch."""
+
+    @staticmethod
+    def forward(*inputs):
+        return _experts_fwd(*inputs)
+
+    setup_context = staticmethod(_experts_setup_context)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, *_):
+        return _experts_backward(ctx, grad_out, _experts_bwd)
 
 
 def _nf4_spec(x, gate_up, down) -> list[int]:
@@ -304,7 +331,8 @@ def moe_experts(x, gate_up, down, top_k_index, top_k_weights, gate_up_lora=None,
     block_m = block_m_for(top_k_index.numel(), _shapes(gate_up, down, nf4)[0])
     inputs = (x.contiguous(), gate_up, down, top_k_index.contiguous(), top_k_weights.contiguous(), *lora)
     save_h = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
-    return experts_fwd_op(*inputs, nf4, block_m, save_h)[0]
+    experts = experts_fwd_op if torch.compiler.is_compiling() else _Experts.apply
+    return experts(*inputs, nf4, block_m, save_h)[0]
 
 
 def moe_experts_forward(
@@ -354,8 +382,7 @@ def _grouped_gemm_torch(x, weight, m_sizes):
     return out
 
 
-@torch.library.custom_op(add_op_namespace_prefix("grouped_gemm"), mutates_args=())
-def grouped_gemm_op(x: Tensor, weight: Tensor, m_sizes: Tensor) -> Tensor:
+def _grouped_gemm_fwd(x: Tensor, weight: Tensor, m_sizes: Tensor) -> Tensor:
     if not _use_triton(x):
         return _grouped_gemm_torch(x, weight, m_sizes)
     r = route_from_counts(m_sizes, x.shape[0], block_m_for(x.shape[0], weight.shape[0]), True)
@@ -364,13 +391,15 @@ def grouped_gemm_op(x: Tensor, weight: Tensor, m_sizes: Tensor) -> Tensor:
     return grouped_gemm_launch(x, weight, out, r, cfg)
 
 
+grouped_gemm_op = torch.library.custom_op(add_op_namespace_prefix("grouped_gemm"), _grouped_gemm_fwd, mutates_args=())
+
+
 @grouped_gemm_op.register_fake
 def _(x, weight, m_sizes):
     return x.new_empty(x.shape[0], weight.shape[1])
 
 
-@torch.library.custom_op(add_op_namespace_prefix("grouped_gemm_bwd"), mutates_args=())
-def grouped_gemm_bwd_op(
+def _grouped_gemm_bwd(
     grad_out: Tensor, x: Tensor, weight: Tensor, m_sizes: Tensor, need_dx: bool, need_dw: bool
 ) -> tuple[Tensor, Tensor]:
     grad_out = grad_out.to(x.dtype).contiguous()
@@ -395,6 +424,11 @@ def grouped_gemm_bwd_op(
     return dx, dw
 
 
+grouped_gemm_bwd_op = torch.library.custom_op(
+    add_op_namespace_prefix("grouped_gemm_bwd"), _grouped_gemm_bwd, mutates_args=()
+)
+
+
 @grouped_gemm_bwd_op.register_fake
 def _(grad_out, x, weight, m_sizes, need_dx, need_dw):
     return (torch.empty_like(x) if need_dx else x.new_empty(0), torch.empty_like(weight) if need_dw else x.new_empty(0))
@@ -404,14 +438,32 @@ def _grouped_gemm_setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
-def _grouped_gemm_backward(ctx, grad_out):
+def _grouped_gemm_backward(ctx, grad_out, bwd):
     x, weight, m_sizes = ctx.saved_tensors
     need = ctx.needs_input_grad
-    dx, dw = grouped_gemm_bwd_op(grad_out, x, weight, m_sizes, need[0], need[1])
+    dx, dw = bwd(grad_out, x, weight, m_sizes, need[0], need[1])
     return (dx if need[0] else None, dw if need[1] else None, None)
 
 
-torch.library.register_autograd(grouped_gemm_op, _grouped_gemm_backward, setup_context=_grouped_gemm_setup_context)
+torch.library.register_autograd(
+    grouped_gemm_op, lambda ctx, grad_out: _grouped_gemm_backward(ctx, grad_out, grouped_gemm_bwd_op),
+    setup_context=_grouped_gemm_setup_context,
+)  # fmt: skip
+
+
+class _GroupedGemm(torch.autograd.Function):
+    """grouped_gemm_op and its autograd outside torch.compile, without the custom-op dispatch."""
+
+    @staticmethod
+    def forward(*inputs):
+        return _grouped_gemm_fwd(*inputs)
+
+    setup_context = staticmethod(_grouped_gemm_setup_context)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        return _grouped_gemm_backward(ctx, grad_out, _grouped_gemm_bwd)
 
 
 def grouped_gemm(x: Tensor, weight: Tensor, m_sizes: Tensor) -> Tensor:
@@ -420,4 +472,5 @@ def grouped_gemm(x: Tensor, weight: Tensor, m_sizes: Tensor) -> Tensor:
     weight is (E, N, K), as nn.Linear stores one weight per expert. Differentiable in x and weight.
     """
     check_grouped_gemm_inputs(x, weight, m_sizes)
-    return grouped_gemm_op(x.contiguous(), weight, m_sizes)
+    op = grouped_gemm_op if torch.compiler.is_compiling() else _GroupedGemm.apply
+    return op(x.contiguous(), weight, m_sizes)

@@ -19,6 +19,8 @@ On GPUs the sort is a counting sort in three launches over blocks of BLOCK_ROWS 
     2. _scan_kernel       prefix over blocks (in place), expert offsets and the tile map
     3. _scatter_kernel    each row goes to offsets[e] + rows of e in earlier blocks
                           + rows of e before it in its own block
+Up to BLOCK_ROWS rows (decode, small batches) _route_block_kernel does all three in one
+launch: there, launches cost more host time than the kernels take on the GPU.
 """
 
 from typing import NamedTuple
@@ -63,6 +65,18 @@ def _load_experts(ids_ptr, rows, num_rows, num_experts):
 
 
 @triton.jit
+def _count_rows(ids_ptr, start, end, num_rows, num_experts, SUB_ROWS: tl.constexpr, E_PAD: tl.constexpr):
+    """(E_PAD,) int32: rows in [start, end) routed to each expert, SUB_ROWS at a time."""
+    experts = tl.arange(0, E_PAD)
+    counts = tl.zeros((E_PAD,), dtype=tl.int32)
+    for r0 in range(start, end, SUB_ROWS):
+        rows = r0 + tl.arange(0, SUB_ROWS)
+        expert = _load_experts(ids_ptr, rows, num_rows, num_experts)
+        counts += tl.sum((expert[:, None] == experts[None, :]).to(tl.int32), axis=0)
+    return counts
+
+
+@triton.jit
 def _histogram_kernel(
     ids_ptr,  # (N,) expert id of each flat row
     hist_ptr,  # (num_blocks, E) int32 out
@@ -72,16 +86,60 @@ def _histogram_kernel(
     SUB_ROWS: tl.constexpr,
     E_PAD: tl.constexpr,
 ):
-    # One program per block of rows counts them per expert, SUB_ROWS at a time.
+    # One program per block of rows counts them per expert.
     block = tl.program_id(0)
     start = block * BLOCK_ROWS
+    end = tl.minimum(start + BLOCK_ROWS, num_rows)
+    counts = _count_rows(ids_ptr, start, end, num_rows, num_experts, SUB_ROWS, E_PAD)
     experts = tl.arange(0, E_PAD)
-    counts = tl.zeros((E_PAD,), dtype=tl.int32)
-    for r0 in range(start, tl.minimum(start + BLOCK_ROWS, num_rows), SUB_ROWS):
-        rows = r0 + tl.arange(0, SUB_ROWS)
-        expert = _load_experts(ids_ptr, rows, num_rows, num_experts)
-        counts += tl.sum((expert[:, None] == experts[None, :]).to(tl.int32), axis=0)
     tl.store(hist_ptr + block * num_experts + experts, counts, mask=experts < num_experts)
+
+
+@triton.jit
+def _write_offsets_and_tiles(
+    counts,  # (E_PAD,) int32 rows of each expert
+    expert_offsets_ptr,  # (E + 1,) int32 out
+    tile_expert_ptr,  # (n_tiles,) int32 out
+    tile_row_start_ptr,  # (n_tiles,) int32 out
+    num_experts,
+    max_rows,
+    n_tiles,
+    BLOCK_M: tl.constexpr,
+    E_PAD: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    """Expert offsets and the tile map from the rows of each expert; returns the offsets
+    (E_PAD,) and their total."""
+    experts = tl.arange(0, E_PAD)
+    expert_mask = experts < num_experts
+    # Expert offsets: exclusive cumsum over experts, clamped to max_rows (int64 so that
+    # unchecked sizes cannot overflow).
+    ends = tl.cumsum(counts.to(tl.int64), axis=0)
+    starts = tl.minimum(ends - counts, max_rows).to(tl.int32)
+    counts = tl.minimum(ends, max_rows).to(tl.int32) - starts
+    total = tl.sum(counts, axis=0)
+    tl.store(expert_offsets_ptr + experts, starts, mask=expert_mask)
+    tl.store(expert_offsets_ptr + num_experts, total)
+
+    # Tile map: expert e owns tiles [first_tile[e], first_tile[e] + tiles[e]).
+    tiles = (counts + BLOCK_M - 1) // BLOCK_M
+    first_tile = tl.cumsum(tiles, axis=0) - tiles
+    used_tiles = tl.sum(tiles, axis=0)
+    # Row start of tile t of expert e is t * BLOCK_M + row_shift[e].
+    row_shift = starts - first_tile * BLOCK_M
+    for t0 in range(0, n_tiles, CHUNK):
+        t = t0 + tl.arange(0, CHUNK)
+        # Tile t belongs to the last expert whose first tile is <= t (experts without
+        # tiles share their first tile with the next expert that has some).
+        owner = (first_tile[None, :] <= t[:, None]) & expert_mask[None, :]
+        expert = tl.sum(owner.to(tl.int32), axis=1) - 1
+        # Registers cannot be indexed: gather row_shift[expert] with a one-hot sum.
+        one_hot = (experts[None, :] == expert[:, None]).to(tl.int32)
+        row_start = t * BLOCK_M + tl.sum(one_hot * row_shift[None, :], axis=1)
+        used = t < used_tiles
+        tl.store(tile_expert_ptr + t, tl.where(used, expert, -1), mask=t < n_tiles)
+        tl.store(tile_row_start_ptr + t, tl.where(used, row_start, 0), mask=t < n_tiles)
+    return starts, total
 
 
 @triton.jit
@@ -116,32 +174,34 @@ def _scan_kernel(
             tl.store(ptrs, counts[None, :] + tl.cumsum(h, axis=0) - h, mask=mask)
         counts += tl.sum(h, axis=0)
 
-    # 2. Expert offsets: exclusive cumsum over experts, clamped to max_rows (int64 so that
-    # unchecked sizes cannot overflow).
-    ends = tl.cumsum(counts.to(tl.int64), axis=0)
-    starts = tl.minimum(ends - counts, max_rows).to(tl.int32)
-    counts = tl.minimum(ends, max_rows).to(tl.int32) - starts
-    tl.store(expert_offsets_ptr + experts, starts, mask=expert_mask)
-    tl.store(expert_offsets_ptr + num_experts, tl.sum(counts, axis=0))
+    _write_offsets_and_tiles(
+        counts, expert_offsets_ptr, tile_expert_ptr, tile_row_start_ptr, num_experts, max_rows, n_tiles,
+        BLOCK_M, E_PAD, CHUNK,
+    )  # fmt: skip
 
-    # 3. Tile map: expert e owns tiles [first_tile[e], first_tile[e] + tiles[e]).
-    tiles = (counts + BLOCK_M - 1) // BLOCK_M
-    first_tile = tl.cumsum(tiles, axis=0) - tiles
-    used_tiles = tl.sum(tiles, axis=0)
-    # Row start of tile t of expert e is t * BLOCK_M + row_shift[e].
-    row_shift = starts - first_tile * BLOCK_M
-    for t0 in range(0, n_tiles, CHUNK):
-        t = t0 + tl.arange(0, CHUNK)
-        # Tile t belongs to the last expert whose first tile is <= t (experts without
-        # tiles share their first tile with the next expert that has some).
-        owner = (first_tile[None, :] <= t[:, None]) & expert_mask[None, :]
-        expert = tl.sum(owner.to(tl.int32), axis=1) - 1
-        # Registers cannot be indexed: gather row_shift[expert] with a one-hot sum.
-        one_hot = (experts[None, :] == expert[:, None]).to(tl.int32)
-        row_start = t * BLOCK_M + tl.sum(one_hot * row_shift[None, :], axis=1)
-        used = t < used_tiles
-        tl.store(tile_expert_ptr + t, tl.where(used, expert, -1), mask=t < n_tiles)
-        tl.store(tile_row_start_ptr + t, tl.where(used, row_start, 0), mask=t < n_tiles)
+
+@triton.jit
+def _scatter_rows(
+    ids_ptr, sort_idx_ptr, sorted_token_ptr, start, end, next_pos, next_oob, num_rows, num_experts, top_k,
+    SUB_ROWS: tl.constexpr, E_PAD: tl.constexpr,
+):  # fmt: skip
+    """Write the sorted positions of rows [start, end): next_pos (E_PAD,) is the next free
+    sorted position of each expert, next_oob that of out-of-range ids."""
+    experts = tl.arange(0, E_PAD)
+    for r0 in range(start, end, SUB_ROWS):
+        rows = r0 + tl.arange(0, SUB_ROWS)
+        in_bounds = rows < num_rows
+        expert = _load_experts(ids_ptr, rows, num_rows, num_experts)
+        one_hot = (expert[:, None] == experts[None, :]).to(tl.int32)
+        # Rows of the same expert earlier in this chunk keep the sort stable.
+        rank = tl.cumsum(one_hot, axis=0) - one_hot
+        pos = tl.sum(one_hot * (next_pos[None, :] + rank), axis=1)
+        oob = (in_bounds & (expert < 0)).to(tl.int32)
+        pos = tl.where(oob != 0, next_oob + tl.cumsum(oob, axis=0) - oob, pos)
+        tl.store(sort_idx_ptr + pos, rows, mask=in_bounds)
+        tl.store(sorted_token_ptr + pos, rows // top_k, mask=in_bounds)
+        next_pos += tl.sum(one_hot, axis=0)
+        next_oob += tl.sum(oob, axis=0)
 
 
 @triton.jit
@@ -167,20 +227,40 @@ def _scatter_kernel(
     next_pos = tl.load(expert_offsets_ptr + experts, mask=expert_mask, other=0) + earlier
     start = block * BLOCK_ROWS
     next_oob = tl.load(expert_offsets_ptr + num_experts) + start - tl.sum(earlier, axis=0)
-    for r0 in range(start, tl.minimum(start + BLOCK_ROWS, num_rows), SUB_ROWS):
-        rows = r0 + tl.arange(0, SUB_ROWS)
-        in_bounds = rows < num_rows
-        expert = _load_experts(ids_ptr, rows, num_rows, num_experts)
-        one_hot = (expert[:, None] == experts[None, :]).to(tl.int32)
-        # Rows of the same expert earlier in this chunk keep the sort stable.
-        rank = tl.cumsum(one_hot, axis=0) - one_hot
-        pos = tl.sum(one_hot * (next_pos[None, :] + rank), axis=1)
-        oob = (in_bounds & (expert < 0)).to(tl.int32)
-        pos = tl.where(oob != 0, next_oob + tl.cumsum(oob, axis=0) - oob, pos)
-        tl.store(sort_idx_ptr + pos, rows, mask=in_bounds)
-        tl.store(sorted_token_ptr + pos, rows // top_k, mask=in_bounds)
-        next_pos += tl.sum(one_hot, axis=0)
-        next_oob += tl.sum(oob, axis=0)
+    end = tl.minimum(start + BLOCK_ROWS, num_rows)
+    _scatter_rows(
+        ids_ptr, sort_idx_ptr, sorted_token_ptr, start, end, next_pos, next_oob, num_rows, num_experts, top_k,
+        SUB_ROWS, E_PAD,
+    )  # fmt: skip
+
+
+@triton.jit
+def _route_block_kernel(
+    ids_ptr,  # (N,) expert id of each flat row, N <= BLOCK_ROWS
+    expert_offsets_ptr,  # (E + 1,) int32 out
+    tile_expert_ptr,  # (n_tiles,) int32 out
+    tile_row_start_ptr,  # (n_tiles,) int32 out
+    sort_idx_ptr,  # (N,) int32 out
+    sorted_token_ptr,  # (N,) int32 out
+    num_rows,
+    num_experts,
+    top_k,
+    n_tiles,
+    BLOCK_M: tl.constexpr,
+    SUB_ROWS: tl.constexpr,
+    E_PAD: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    # The three kernels above for a single block of rows, in one program.
+    counts = _count_rows(ids_ptr, 0, num_rows, num_rows, num_experts, SUB_ROWS, E_PAD)
+    starts, total = _write_offsets_and_tiles(
+        counts, expert_offsets_ptr, tile_expert_ptr, tile_row_start_ptr, num_experts, num_rows, n_tiles,
+        BLOCK_M, E_PAD, CHUNK,
+    )  # fmt: skip
+    _scatter_rows(
+        ids_ptr, sort_idx_ptr, sorted_token_ptr, 0, num_rows, starts, total, num_rows, num_experts, top_k,
+        SUB_ROWS, E_PAD,
+    )  # fmt: skip
 
 
 def _scan(hist, num_experts, max_rows, block_m, write_prefix):
@@ -246,15 +326,27 @@ def route(top_k_index: torch.Tensor, num_experts: int, block_m: int, use_triton:
     if num_rows == 0:
         return _empty_routing(num_experts, block_m, ids.device)
 
+    device = ids.device
     e_pad, sub_rows = _launch_sizes(num_experts)
+    sort_idx = torch.empty(num_rows, dtype=torch.int32, device=device)
+    sorted_token = torch.empty(num_rows, dtype=torch.int32, device=device)
+    if num_rows <= BLOCK_ROWS:
+        n_tiles = max_tiles(num_rows, num_experts, block_m)
+        expert_offsets = torch.empty(num_experts + 1, dtype=torch.int32, device=device)
+        tile_expert = torch.empty(n_tiles, dtype=torch.int32, device=device)
+        tile_row_start = torch.empty(n_tiles, dtype=torch.int32, device=device)
+        _route_block_kernel[(1,)](
+            ids, expert_offsets, tile_expert, tile_row_start, sort_idx, sorted_token,
+            num_rows, num_experts, top_k, n_tiles,
+            BLOCK_M=block_m, SUB_ROWS=sub_rows, E_PAD=e_pad, CHUNK=sub_rows,
+        )  # fmt: skip
+        return Routing(sort_idx, sorted_token, expert_offsets, tile_expert, tile_row_start, block_m)
     num_blocks = triton.cdiv(num_rows, BLOCK_ROWS)
-    hist = torch.empty(num_blocks, num_experts, dtype=torch.int32, device=ids.device)
+    hist = torch.empty(num_blocks, num_experts, dtype=torch.int32, device=device)
     _histogram_kernel[(num_blocks,)](
         ids, hist, num_rows, num_experts, BLOCK_ROWS=BLOCK_ROWS, SUB_ROWS=sub_rows, E_PAD=e_pad
     )
     expert_offsets, tile_expert, tile_row_start = _scan(hist, num_experts, num_rows, block_m, True)
-    sort_idx = torch.empty(num_rows, dtype=torch.int32, device=ids.device)
-    sorted_token = torch.empty(num_rows, dtype=torch.int32, device=ids.device)
     _scatter_kernel[(num_blocks,)](
         ids, hist, expert_offsets, sort_idx, sorted_token, num_rows, num_experts, top_k,
         BLOCK_ROWS=BLOCK_ROWS, SUB_ROWS=sub_rows, E_PAD=e_pad,
