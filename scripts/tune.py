@@ -76,7 +76,8 @@ def best(name, launch, candidates, log):
     return cfg
 
 
-def tune_shape(hidden, inter, num_tokens, configs, log, routed_only=False):
+def tune_shape(hidden, inter, num_tokens, configs, log, save, routed_only=False):
+    """Tune every GEMM of one shape at num_tokens into configs, calling save() after each key."""
     dev = torch.device("cuda")
     x = torch.randn(num_tokens, hidden, device=dev, dtype=torch.bfloat16)
     gate_up = torch.randn(NUM_EXPERTS, 2 * inter, hidden, device=dev, dtype=torch.bfloat16) * hidden**-0.5
@@ -105,6 +106,7 @@ def tune_shape(hidden, inter, num_tokens, configs, log, routed_only=False):
     for kind, (n, k, swiglu, launch) in routed.items():
         key = tuning.gemm_key(kind, n, k, block_m)
         configs[key] = best(f"{key} T={num_tokens}", launch, gemm_candidates(block_m, swiglu), log)
+        save()
     if block_m > 32:  # training: the same GEMMs with the LoRA term (rank LORA_RANK) in the epilogue
         lora_rows = torch.randn(num_rows, LORA_RANK, device=dev, dtype=torch.bfloat16)
         lora_b = {n: torch.randn(NUM_EXPERTS, n, LORA_RANK, device=dev, dtype=torch.bfloat16) * 0.1
@@ -119,6 +121,7 @@ def tune_shape(hidden, inter, num_tokens, configs, log, routed_only=False):
         for kind, (n, k, swiglu, launch) in with_lora.items():
             key = tuning.gemm_key(f"{kind}+lora", n, k, block_m)
             configs[key] = best(f"{key} T={num_tokens}", launch, gemm_candidates(block_m, swiglu), log)
+            save()
     if routed_only:
         return
     # Thin LoRA projections (rank LORA_RANK) of the token rows and of the activations.
@@ -129,6 +132,7 @@ def tune_shape(hidden, inter, num_tokens, configs, log, routed_only=False):
         launch = lambda c, a_in=a_in, lora_a=lora_a, gather=gather, projected=projected: grouped_gemm_launch(  # noqa: E731
             a_in, lora_a, projected, r, c, gather=gather)
         configs[key] = best(f"{key} T={num_tokens}", launch, lora_candidates(), log)
+        save()
     if block_m <= 32:  # decode: no backward
         return
     d_down, d_gate_up = torch.empty_like(down), torch.empty_like(gate_up)
@@ -140,6 +144,7 @@ def tune_shape(hidden, inter, num_tokens, configs, log, routed_only=False):
     for kind, (m, n, launch) in dws.items():
         key = tuning.dw_key(kind, m, n, block_m)
         configs[key] = best(f"{key} T={num_tokens}", launch, dw_candidates(), log)
+        save()
 
 
 def main():
@@ -154,14 +159,17 @@ def main():
     path = os.path.join(ROOT, "torch-ext", "qwen3_moe_fused", "configs", f"{name}.json")
     configs = json.load(open(path)) if os.path.exists(path) else {}
     start = time.time()
+
+    def save():  # after each key: a partial run still leaves its results
+        write(path, name, configs)
+
     with open(args.log, "w") as log:
         for shape, (hidden, inter) in SHAPES.items():
             if args.quick and shape != "qwen3-30b-a3b":
                 continue
             token_counts = (16384 if hidden == 2048 else 8192,) + (() if args.routed_only else (16,))
             for num_tokens in args.tokens or token_counts:
-                tune_shape(hidden, inter, num_tokens, configs, log, args.routed_only)
-            write(path, name, configs)  # after each shape: a partial run still leaves its results
+                tune_shape(hidden, inter, num_tokens, configs, log, save, args.routed_only)
     print(f"wrote {path} ({len(configs)} configs) in {time.time() - start:.0f} s")
 
 
