@@ -58,6 +58,8 @@ def dw_candidates():
         smem = stages * (bm + bn) * bk * 2
         if smem <= 220 * 1024:
             yield dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+            # the operand read in sorted order through a TMA descriptor
+            yield dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages, TMA=True)
 
 
 def best(name, launch, candidates, log):
@@ -76,7 +78,7 @@ def best(name, launch, candidates, log):
     return cfg
 
 
-def tune_shape(hidden, inter, num_tokens, configs, log, save, routed_only=False):
+def tune_shape(hidden, inter, num_tokens, configs, log, save, only=None):
     """Tune every GEMM of one shape at num_tokens into configs, calling save() after each key."""
     dev = torch.device("cuda")
     x = torch.randn(num_tokens, hidden, device=dev, dtype=torch.bfloat16)
@@ -103,11 +105,13 @@ def tune_shape(hidden, inter, num_tokens, configs, log, save, routed_only=False)
         "gate_up_dx": (hidden, 2 * inter, False, lambda c: grouped_gemm_launch(
             dh, gate_up, rows, r, c, b_is_kn=True, scatter=r.sort_idx)),
     }  # fmt: skip
+    if only == "dw":
+        routed = {}
     for kind, (n, k, swiglu, launch) in routed.items():
         key = tuning.gemm_key(kind, n, k, block_m)
         configs[key] = best(f"{key} T={num_tokens}", launch, gemm_candidates(block_m, swiglu), log)
         save()
-    if block_m > 32:  # training: the same GEMMs with the LoRA term (rank LORA_RANK) in the epilogue
+    if block_m > 32 and only != "dw":  # training: the same GEMMs with the LoRA term (rank LORA_RANK) in the epilogue
         lora_rows = torch.randn(num_rows, LORA_RANK, device=dev, dtype=torch.bfloat16)
         lora_b = {n: torch.randn(NUM_EXPERTS, n, LORA_RANK, device=dev, dtype=torch.bfloat16) * 0.1
                   for n in (2 * inter, hidden)}  # fmt: skip
@@ -122,10 +126,10 @@ def tune_shape(hidden, inter, num_tokens, configs, log, save, routed_only=False)
             key = tuning.gemm_key(f"{kind}+lora", n, k, block_m)
             configs[key] = best(f"{key} T={num_tokens}", launch, gemm_candidates(block_m, swiglu), log)
             save()
-    if routed_only:
+    if only == "routed":
         return
     # Thin LoRA projections (rank LORA_RANK) of the token rows and of the activations.
-    for k, a_in, gather in ((hidden, x, r.sorted_token), (inter, act, None)):
+    for k, a_in, gather in ((hidden, x, r.sorted_token), (inter, act, None)) if only != "dw" else ():
         lora_a = torch.randn(NUM_EXPERTS, LORA_RANK, k, device=dev, dtype=torch.bfloat16)
         projected = torch.empty(num_rows, LORA_RANK, device=dev, dtype=torch.bfloat16)
         key = tuning.gemm_key("lora", LORA_RANK, k, block_m)
@@ -150,7 +154,8 @@ def tune_shape(hidden, inter, num_tokens, configs, log, save, routed_only=False)
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="only the 30B-A3B shape")
-    parser.add_argument("--routed-only", action="store_true", help="only the routed GEMMs at the training token count")
+    parser.add_argument("--only", choices=["routed", "dw"], help="only the routed GEMMs (with and without the LoRA "
+                        "term) or only the weight-gradient GEMMs, at the training token count")  # fmt: skip
     parser.add_argument("--tokens", type=int, nargs="+", help="token counts to tune at (default: the training "
                         "count, 16384 for 30B-A3B and 8192 for 235B-A22B, and 16 for decode)")  # fmt: skip
     parser.add_argument("--log", default=os.path.join(os.environ.get("OUT", "/tmp"), "tune.log"))
@@ -167,9 +172,9 @@ def main():
         for shape, (hidden, inter) in SHAPES.items():
             if args.quick and shape != "qwen3-30b-a3b":
                 continue
-            token_counts = (16384 if hidden == 2048 else 8192,) + (() if args.routed_only else (16,))
+            token_counts = (16384 if hidden == 2048 else 8192,) + (() if args.only else (16,))
             for num_tokens in args.tokens or token_counts:
-                tune_shape(hidden, inter, num_tokens, configs, log, save, args.routed_only)
+                tune_shape(hidden, inter, num_tokens, configs, log, save, args.only)
     print(f"wrote {path} ({len(configs)} configs) in {time.time() - start:.0f} s")
 
 
