@@ -58,8 +58,6 @@ def dw_candidates():
         smem = stages * (bm + bn) * bk * 2
         if smem <= 220 * 1024:
             yield dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
-            # the operand read in sorted order through a TMA descriptor
-            yield dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages, TMA=True)
 
 
 def best(name, launch, candidates, log):

@@ -1,8 +1,7 @@
 """Weight gradient of a grouped GEMM: dW[e] = sum over rows r of expert e of A[r]^T B[r].
 
 A rows and B rows may be gathered through an index. Experts with no rows get an exact
-zero gradient. An operand read in sorted order (not gathered) can come through a TMA
-descriptor (config key TMA); rows past the expert's last are zeroed after the load.
+zero gradient.
 """
 
 import torch
@@ -16,8 +15,6 @@ from ..routing import Routing
 def _grouped_dw_kernel(
     a_ptr,  # (rows of A, M)
     b_ptr,  # (rows of B, N)
-    a_desc,  # A_TMA: TMA descriptor of A, blocks (BLOCK_K, BLOCK_M), else None
-    b_desc,  # B_TMA: TMA descriptor of B, blocks (BLOCK_K, BLOCK_N), else None
     c_ptr,  # (E, M, N)
     a_gather_ptr,  # (sorted rows,)
     b_gather_ptr,  # (sorted rows,)
@@ -33,8 +30,6 @@ def _grouped_dw_kernel(
     stride_cn,
     A_GATHER: tl.constexpr,
     B_GATHER: tl.constexpr,
-    A_TMA: tl.constexpr,
-    B_TMA: tl.constexpr,
     IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -56,32 +51,24 @@ def _grouped_dw_kernel(
     for r0 in range(row_start, row_end, BLOCK_K):
         rows = r0 + tl.arange(0, BLOCK_K)
         r_mask = rows < row_end
-        if A_TMA:
-            a = a_desc.load([r0, pid_m * BLOCK_M]).T
-            a = tl.where(r_mask[None, :], a, tl.zeros_like(a))
+        if A_GATHER:
+            a_rows = tl.load(a_gather_ptr + rows, mask=r_mask, other=0).to(tl.int64)
         else:
-            if A_GATHER:
-                a_rows = tl.load(a_gather_ptr + rows, mask=r_mask, other=0).to(tl.int64)
-            else:
-                a_rows = rows.to(tl.int64)
-            a = tl.load(
-                a_ptr + a_rows[None, :] * stride_ar + offs_m[:, None] * stride_am,
-                mask=m_mask[:, None] & r_mask[None, :],
-                other=0.0,
-            )  # (BLOCK_M, BLOCK_K): A^T
-        if B_TMA:
-            b = b_desc.load([r0, pid_n * BLOCK_N])
-            b = tl.where(r_mask[:, None], b, tl.zeros_like(b))
+            a_rows = rows.to(tl.int64)
+        if B_GATHER:
+            b_rows = tl.load(b_gather_ptr + rows, mask=r_mask, other=0).to(tl.int64)
         else:
-            if B_GATHER:
-                b_rows = tl.load(b_gather_ptr + rows, mask=r_mask, other=0).to(tl.int64)
-            else:
-                b_rows = rows.to(tl.int64)
-            b = tl.load(
-                b_ptr + b_rows[:, None] * stride_br + offs_n[None, :] * stride_bn,
-                mask=r_mask[:, None] & n_mask[None, :],
-                other=0.0,
-            )
+            b_rows = rows.to(tl.int64)
+        a = tl.load(
+            a_ptr + a_rows[None, :] * stride_ar + offs_m[:, None] * stride_am,
+            mask=m_mask[:, None] & r_mask[None, :],
+            other=0.0,
+        )  # (BLOCK_M, BLOCK_K): A^T
+        b = tl.load(
+            b_ptr + b_rows[:, None] * stride_br + offs_n[None, :] * stride_bn,
+            mask=r_mask[:, None] & n_mask[None, :],
+            other=0.0,
+        )
         if IEEE:
             acc = tl.dot(a, b, acc, input_precision="ieee")
         else:
@@ -89,18 +76,6 @@ def _grouped_dw_kernel(
 
     c_ptrs = c_ptr + expert.to(tl.int64) * stride_ce + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
-
-
-def _rows_descriptor(t: torch.Tensor, block: list[int], config: dict):
-    """TMA descriptor of t (rows, cols) in blocks (BLOCK_K rows, block[1] cols) where the config
-    asks for it and TMA can read t (CUDA, rows contiguous and 16-byte aligned); else None."""
-    if not config.get("TMA") or not t.is_cuda or t.stride(1) != 1 or t.data_ptr() % 16:
-        return None
-    if (t.stride(0) * t.element_size()) % 16:
-        return None
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    return TensorDescriptor(t, list(t.shape), [t.stride(0), 1], block)
 
 
 def grouped_dw_launch(
@@ -124,14 +99,9 @@ def grouped_dw_launch(
     if num_experts == 0 or m == 0 or n == 0:
         return out
     dummy = routing.sort_idx
-    block_k = config["BLOCK_K"]
-    a_desc = _rows_descriptor(a, [block_k, block_m], config) if a_gather is None else None
-    b_desc = _rows_descriptor(b, [block_k, block_n], config) if b_gather is None else None
     _grouped_dw_kernel[grid](
         a,
         b,
-        a_desc,
-        b_desc,
         out,
         a_gather if a_gather is not None else dummy,
         b_gather if b_gather is not None else dummy,
@@ -147,12 +117,10 @@ def grouped_dw_launch(
         out.stride(2),
         A_GATHER=a_gather is not None,
         B_GATHER=b_gather is not None,
-        A_TMA=a_desc is not None,
-        B_TMA=b_desc is not None,
         IEEE=a.dtype == torch.float32,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
-        BLOCK_K=block_k,
+        BLOCK_K=config["BLOCK_K"],
         num_warps=config["num_warps"],
         num_stages=config["num_stages"],
     )
