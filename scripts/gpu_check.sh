@@ -15,8 +15,10 @@ python3 scripts/build.py >/dev/null && python3 scripts/publish_local.py >/dev/nu
 export HF_HUB_OFFLINE=1 HF_HUB_CACHE=$PWD/build/hub-cache PYTHONUNBUFFERED=1
 python3 -m pytest -q -m gpu -s tests 2>&1 | tee "$out/test_gpu.log" | grep -E "rel err|passed|failed|Error"
 cases=30b-a3b-t2048,30b-a3b-t16384,235b-a22b-t8192
-[ "${1:-}" = quick ] || cases=30b-a3b-t1,30b-a3b-t16,30b-a3b-t64,30b-a3b-t256,30b-a3b-t512,30b-a3b-t1024,$cases,30b-a3b-t4096,30b-a3b-t8192,30b-a3b-t32768
-python3 benchmarks/side_by_side.py --cases "$cases" --impls ours,grouped_mm --json "$out/side_by_side.json" > "$out/side_by_side.log" 2>&1
+[ "${1:-}" = quick ] || cases=30b-a3b-t1,30b-a3b-t16,30b-a3b-t64,$cases,30b-a3b-t256,30b-a3b-t512,30b-a3b-t1024,30b-a3b-t4096,30b-a3b-t8192,30b-a3b-t32768
+impls="ours,grouped_mm"
+[ "${1:-}" = quick ] || impls="ours,grouped_mm,eager --eager"
+python3 benchmarks/side_by_side.py --cases "$cases" --impls $impls --json "$out/side_by_side.json" > "$out/side_by_side.log" 2>&1
 python3 benchmarks/host_overhead.py > "$out/host_overhead.log" 2>&1
 python3 benchmarks/lora_side_by_side.py --json "$out/lora.json" > "$out/lora.log" 2>&1
 python3 benchmarks/qlora_side_by_side.py --json "$out/qlora.json" > "$out/qlora.log" 2>&1
