@@ -296,11 +296,13 @@ torch.library.register_autograd(
 class _Experts(torch.autograd.Function):
     """experts_fwd_op and its autograd outside torch.compile, without the custom-op dispatch."""
 
+    # forward takes ctx: a separate setup_context would make apply() bind its arguments
+    # through inspect.signature on every call (host time that decode pays per layer).
     @staticmethod
-    def forward(*inputs):
-        return _experts_fwd(*inputs)
-
-    setup_context = staticmethod(_experts_setup_context)
+    def forward(ctx, *inputs):
+        output = _experts_fwd(*inputs)
+        _experts_setup_context(ctx, inputs, output)
+        return output
 
     @staticmethod
     @once_differentiable
@@ -455,10 +457,10 @@ class _GroupedGemm(torch.autograd.Function):
     """grouped_gemm_op and its autograd outside torch.compile, without the custom-op dispatch."""
 
     @staticmethod
-    def forward(*inputs):
-        return _grouped_gemm_fwd(*inputs)
-
-    setup_context = staticmethod(_grouped_gemm_setup_context)
+    def forward(ctx, *inputs):
+        output = _grouped_gemm_fwd(*inputs)
+        _grouped_gemm_setup_context(ctx, inputs, output)
+        return output
 
     @staticmethod
     @once_differentiable
