@@ -39,9 +39,11 @@ def gemm_candidates(block_m: int, swiglu: bool):
     for block_n, block_k, warps, stages in tiles:
         smem = stages * (block_m * block_k + block_k * block_n * (2 if swiglu else 1)) * 2
         if smem <= 220 * 1024 and not (swiglu and block_n > 128):
-            yield dict(BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=warps, num_stages=stages)
-            if block_m > 32:  # training tiles: also with B through a TMA descriptor
-                yield dict(BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=warps, num_stages=stages, TMA_B=True)
+            cfg = dict(BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=warps, num_stages=stages)
+            yield cfg
+            if block_m > 32:  # training tiles: also with B through a TMA descriptor, on a persistent grid
+                yield dict(cfg, TMA_B=True)
+                yield dict(cfg, TMA_B=True, PERSISTENT=1)
 
 
 def lora_candidates():

@@ -196,25 +196,27 @@ def test_4bit_bf16(kernel, monkeypatch, num_tokens, path):
         assert err < 1e-2, name
 
 
-def test_tma_weight_loads_bit_equal(kernel, monkeypatch):
-    """The routed GEMMs give the same bits whether the expert weights come through a TMA
-    descriptor (config TMA_B) or plain loads: forward and all gradients, 30B-A3B shape."""
+@pytest.mark.parametrize("option", ["TMA_B", "PERSISTENT"])
+def test_gemm_options_bit_equal(kernel, monkeypatch, option):
+    """The routed GEMMs give the same bits with a config option on or off: expert weights
+    through a TMA descriptor (TMA_B), a persistent grid (PERSISTENT); forward and all
+    gradients, 30B-A3B shape."""
     x, gate_up, down, ids, weights = _inputs(2048, **QWEN3_30B)
     grad_out = torch.randn_like(x)
     lookup = kernel.tuning.gemm_config
 
-    def forced(tma):
+    def forced(value):
         def config(kind, *args, **kwargs):
             cfg = dict(lookup(kind, *args, **kwargs))
             if kind in ("gate_up", "down", "down_dx", "gate_up_dx"):
-                cfg["TMA_B"] = tma
+                cfg[option] = value
             return cfg
 
         return config
 
     results = []
-    for tma in (False, True):
-        monkeypatch.setattr(kernel.functional, "gemm_config", forced(tma))
+    for value in (0, 1):
+        monkeypatch.setattr(kernel.functional, "gemm_config", forced(value))
         results.append(_grads(kernel.moe_experts_forward, x, gate_up, down, ids, weights, grad_out))
-    for plain, tma in zip(*results):
-        assert torch.equal(plain, tma)
+    for off, on in zip(*results):
+        assert torch.equal(off, on)
