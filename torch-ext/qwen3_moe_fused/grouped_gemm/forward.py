@@ -12,6 +12,9 @@ One kernel serves the forward GEMMs and the dX GEMMs of the backward:
   * NF4: B is 4-bit (bitsandbytes NF4: packed codes and per-block absmax over the flat
     index of the dense (E, rows, cols) tensor) and is dequantized in the load, to the
     values bitsandbytes' dequantize_4bit gives.
+Config keys besides the tiles: TMA_B loads a dense B through a TMA descriptor; PERSISTENT
+(programs per SM) launches a persistent grid whose programs walk the tiles. Both give the
+same bits as without.
 """
 
 import functools
