@@ -1,11 +1,11 @@
 """Tune the grouped GEMM tile configs on this GPU and write configs/<device>.json.
 
 Run on a CUDA machine after `python3 scripts/build.py` (it imports build/torch-cuda):
-    python3 scripts/tune.py [--quick]
+    python3 scripts/tune.py [--quick] [--tokens 1024 ...] [--only routed|dw]
 Each GEMM kind of the MoE block is timed (triton.testing.do_bench, median) over a small
 candidate list for the Qwen3-30B-A3B and Qwen3-235B-A22B shapes, at a training and a
-decode token count; the fastest config of each key is merged into
-torch-ext/qwen3_moe_fused/configs/<device>.json.
+decode token count (or --tokens); the fastest config of each key is merged into
+torch-ext/qwen3_moe_fused/configs/<device>.json, which is written after every key.
 """
 
 import argparse
