@@ -1,7 +1,7 @@
 """4-bit (NF4) experts through the package's GEMMs, and QLoRA with PEFT on them.
 
-References nobody here wrote: bitsandbytes' `quantize_4bit` / `dequantize_4bit` give the
-weights the 4-bit experts stand for; the float64 reference (reference.py), Transformers'
+References nobody here wrote: bitsandbytes' `quantize_4bit` bytes, read by the NF4 definition
+(nf4_reference.py), give the weights the 4-bit experts stand for; the float64 reference (reference.py), Transformers'
 eager experts loop and PEFT's own LoRA compute with those dense weights. Our side quantizes
 with `quantize_experts_4bit` and runs the fused dequant GEMMs (or dequantize-then-GEMM, the
 large-batch path, forced here with a threshold of zero). On CPU the Triton kernels run in
@@ -14,11 +14,12 @@ import pytest
 import torch
 from torch import nn
 
-bnb_functional = pytest.importorskip("bitsandbytes.functional")
+pytest.importorskip("bitsandbytes.functional")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from kernels import Mode  # noqa: E402
+from nf4_reference import bnb_round_trip  # noqa: E402
 from peft import PeftModel, get_peft_model  # noqa: E402
 from reference import moe_experts_lora_reference, random_routing, rel_err  # noqa: E402
 from test_lora import (  # noqa: E402
@@ -39,9 +40,9 @@ from tiny_model import kernelize_moe, load_tiny, moe_blocks  # noqa: E402
 
 
 def bnb_dequantized(weight: torch.Tensor, blocksize: int = 64) -> torch.Tensor:
-    """What bitsandbytes' NF4 round trip makes of a dense tensor."""
-    packed, state = bnb_functional.quantize_4bit(weight, blocksize=blocksize, quant_type="nf4")
-    return bnb_functional.dequantize_4bit(packed, state, quant_type="nf4")
+    """What bitsandbytes' NF4 bytes of a dense tensor stand for (the NF4 definition: its CPU
+    dequantize_4bit is wrong on some CPUs, see nf4_reference.py)."""
+    return bnb_round_trip(weight, blocksize)
 
 
 class Experts(nn.Module):

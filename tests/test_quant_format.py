@@ -1,9 +1,10 @@
 """The 4-bit NF4 format of the expert tensors (quant/nf4.py) and its storage on the model
-(quant/experts.py), against bitsandbytes itself.
+(quant/experts.py), against bitsandbytes itself and the NF4 definition (nf4_reference.py).
 
 - `quantize_nf4` gives the bytes of bitsandbytes' `quantize_4bit(..., quant_type="nf4",
-  compress_statistics=False)` (packed codes and absmax) and `dequantize_nf4` the values of its
-  `dequantize_4bit`, for float32 / float16 / bfloat16, blocksizes 64 and 128, numel a multiple
+  compress_statistics=False)` (packed codes and absmax) and `dequantize_nf4` the values the NF4
+  definition gives those bytes (and bitsandbytes' CPU `dequantize_4bit`, where this machine's
+  bitsandbytes agrees with the definition), for float32 / float16 / bfloat16, blocksizes 64 and 128, numel a multiple
   of the blocksize or not (odd too), with exact zeros, all-zero blocks, values at the block max
   and values exactly on the thresholds between two NF4 values;
 - the Triton dequant kernel (TRITON_INTERPRET=1 on CPU) gives the torch path's bits;
@@ -32,6 +33,7 @@ bnb_functional = pytest.importorskip("bitsandbytes.functional")
 
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from safetensors.torch import load_model, save_file  # noqa: E402
+from nf4_reference import bnb_dequantize_checked, bnb_quantize, bnb_round_trip, nf4_definition  # noqa: E402
 from tiny_model import tiny_config  # noqa: E402
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -56,16 +58,6 @@ CUDA_LITERALS = [
 def bits(t: torch.Tensor) -> torch.Tensor:
     """The raw bytes of `t`: equal bits, not just equal values (-0.0 vs 0.0)."""
     return t.detach().contiguous().view(-1).view(torch.uint8)
-
-
-def bnb_quantize(t: torch.Tensor, blocksize: int):
-    return bnb_functional.quantize_4bit(t, blocksize=blocksize, quant_type="nf4", compress_statistics=False)
-
-
-def bnb_dequantize(t: torch.Tensor, blocksize: int = 64, dtype=None) -> torch.Tensor:
-    packed, state = bnb_quantize(t, blocksize)
-    state.dtype = dtype or t.dtype
-    return bnb_functional.dequantize_4bit(packed, state)
 
 
 def awkward_tensor(shape, blocksize: int, dtype, seed: int = 0) -> torch.Tensor:
@@ -144,13 +136,39 @@ def test_quantize_nf4_matches_bnb(kernel, dtype, blocksize, shape):
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("blocksize", [64, 128])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_dequantize_nf4_matches_bnb(kernel, dtype, blocksize, shape):
+def test_dequantize_nf4_matches_definition(kernel, dtype, blocksize, shape):
     """Any output dtype, whatever the input was: value = NF4[idx] * absmax in float32, rounded once."""
     t = awkward_tensor(shape, blocksize, torch.float32, seed=1)
     codes, absmax = kernel.quant.quantize_nf4(t, blocksize)
     out = kernel.quant.dequantize_nf4(codes, absmax, shape, dtype, blocksize)
     assert out.shape == shape and out.dtype == dtype
-    assert torch.equal(bits(out), bits(bnb_dequantize(t, blocksize, dtype)))
+    assert torch.equal(bits(out), bits(bnb_round_trip(t, blocksize, dtype)))
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("blocksize", [64, 128])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dequantize_nf4_matches_bnb(kernel, dtype, blocksize, shape):
+    """bitsandbytes' own CPU dequantize_4bit, where it keeps to the definition on this machine."""
+    t = awkward_tensor(shape, blocksize, torch.float32, seed=1)
+    codes, absmax = kernel.quant.quantize_nf4(t, blocksize)
+    packed, state = bnb_quantize(t, blocksize)
+    state.dtype = dtype
+    expected = bnb_dequantize_checked(packed, state)
+    assert torch.equal(bits(kernel.quant.dequantize_nf4(codes, absmax, shape, dtype, blocksize)), bits(expected))
+
+
+def test_bnb_disagreement_is_detected(monkeypatch):
+    """The CPU guard: a bitsandbytes dequantize_4bit that is off its own codes x absmax (as on
+    some CPUs) skips the comparison instead of failing it, and never changes the reference."""
+    t = awkward_tensor((5, 64), 128, torch.float32)
+    packed, state = bnb_quantize(t, 128)
+    reference = nf4_definition(packed, state.absmax, t.shape, t.dtype, 128)
+    original = bnb_functional.dequantize_4bit
+    monkeypatch.setattr(bnb_functional, "dequantize_4bit", lambda *a, **k: original(*a, **k) + 0.5)
+    with pytest.raises(pytest.skip.Exception, match="disagrees with its own codes"):
+        bnb_dequantize_checked(packed, state)
+    assert torch.equal(bits(bnb_round_trip(t, 128)), bits(reference))
 
 
 @pytest.mark.parametrize("length", [64, 70, 71, 128])
@@ -162,7 +180,7 @@ def test_all_zero_tensor_matches_bnb(kernel, length):
     packed, state = bnb_quantize(t, 64)
     assert torch.equal(codes, packed) and torch.equal(bits(absmax), bits(state.absmax))
     out = kernel.quant.dequantize_nf4(codes, absmax, t.shape, torch.float32, 64)
-    assert torch.equal(bits(out), bits(bnb_dequantize(t, 64)))
+    assert torch.equal(bits(out), bits(bnb_round_trip(t, 64)))
 
 
 def test_chunked_matches_bnb(kernel, monkeypatch):
@@ -175,7 +193,7 @@ def test_chunked_matches_bnb(kernel, monkeypatch):
         assert torch.equal(codes, packed) and torch.equal(bits(absmax), bits(state.absmax))
         out = torch.empty(shape, dtype=torch.bfloat16)
         kernel.quant.nf4._dequantize_nf4_torch(codes.view(-1), absmax, out.view(-1), 64)
-        assert torch.equal(bits(out), bits(bnb_dequantize(t, 64)))
+        assert torch.equal(bits(out), bits(bnb_round_trip(t, 64)))
 
 
 def test_nf4_code_is_bnb(kernel):
@@ -286,7 +304,7 @@ def test_quantize_experts_tiny_model(kernel):
     for (i, name), original in dense.items():
         param = getattr(experts_modules(model)[i], name)
         assert isinstance(param, nn.Parameter) and param.requires_grad and not kernel.quant.is_quantized(param)
-        assert torch.equal(bits(param), bits(bnb_dequantize(original)))
+        assert torch.equal(bits(param), bits(bnb_round_trip(original)))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -298,7 +316,7 @@ def test_quantize_experts_16bit_blocksize_128(kernel, dtype):
     kernel.dequantize_experts_4bit(model)
     for (i, name), original in dense.items():
         param = getattr(experts_modules(model)[i], name)
-        assert param.dtype == dtype and torch.equal(bits(param), bits(bnb_dequantize(original, 128)))
+        assert param.dtype == dtype and torch.equal(bits(param), bits(bnb_round_trip(original, 128)))
 
 
 def test_quantize_bare_block_and_experts(kernel):

@@ -85,8 +85,26 @@ def _experts_torch(x, gate_up, down, top_k_index, top_k_weights, lora):
         y = F.linear(act, down[e])
         if down_a is not None:
             y = y + F.linear(F.linear(act, down_a[e]), down_b[e])
-        out = out.index_add(0, token, y * top_k_weights[token, k, None])
+        # The weighting in the promoted dtype, the sum in x's, as Transformers' eager loop does.
+        out = out.index_add(0, token, (y * top_k_weights[token, k, None]).to(out.dtype))
     return out
+
+
+class _NoRows(torch.autograd.Function):
+    """The experts' output when no row reaches an expert's GEMMs (T = 0, K = 0 or I = 0):
+    zeros (T, H), still part of the autograd graph, so backward gives every floating input
+    a zero gradient as a call with rows would."""
+
+    @staticmethod
+    def forward(ctx, x, *tensors):
+        ctx.inputs = [(t.shape, t.dtype, t.device) if isinstance(t, Tensor) else None for t in (x, *tensors)]
+        return x.new_zeros(x.shape)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        return tuple(None if meta is None or not meta[1].is_floating_point else torch.zeros(meta[0], dtype=meta[1], device=meta[2])
+                     for meta in ctx.inputs)  # fmt: skip
 
 
 def _lora_project(a, lora_factor, r: Routing, *, gather=None, transposed=False):
@@ -321,11 +339,24 @@ def _nf4_spec(x, gate_up, down) -> list[int]:
     return [gate_up_q.shape[0], down_q.shape[2], gate_up_q.blocksize]
 
 
+def _float32(t: Tensor | None) -> Tensor | None:
+    """A dense bfloat16 operand in float32 (4-bit storage and absent operands as they are)."""
+    return t.float() if t is not None and t.dtype == torch.bfloat16 else t
+
+
 def moe_experts(x, gate_up, down, top_k_index, top_k_weights, gate_up_lora=None, down_lora=None) -> Tensor:
     """The experts' forward on checked inputs: x (T, H) -> (T, H). Ids outside [0, E) contribute zero.
     gate_up / down: dense (E, 2I, H) / (E, H, I), or both 4-bit (quant/experts.py)."""
+    if INTERPRET and x.dtype == torch.bfloat16:
+        # The interpreter's tl.dot is wrong for bfloat16: compute in float32, round the output once.
+        gate_up_lora, down_lora = (None if f is None else tuple(map(_float32, f)) for f in (gate_up_lora, down_lora))
+        out = moe_experts(x.float(), _float32(gate_up), _float32(down), top_k_index, top_k_weights.float(),
+                          gate_up_lora, down_lora)  # fmt: skip
+        return out.to(x.dtype)
     lora = (*(gate_up_lora or (None, None)), *(down_lora or (None, None)))
     nf4 = _nf4_spec(x, gate_up, down)
+    if top_k_index.numel() == 0 or _shapes(gate_up, down, nf4)[1] == 0:
+        return _NoRows.apply(x, gate_up, down, top_k_weights, *lora)
     if not _use_triton(x):
         if nf4:
             gate_up, down = (_dequantized(nf4_weight(w), x.dtype) for w in (gate_up, down))
@@ -474,5 +505,7 @@ def grouped_gemm(x: Tensor, weight: Tensor, m_sizes: Tensor) -> Tensor:
     weight is (E, N, K), as nn.Linear stores one weight per expert. Differentiable in x and weight.
     """
     check_grouped_gemm_inputs(x, weight, m_sizes)
+    if INTERPRET and x.dtype == torch.bfloat16:  # the interpreter's tl.dot is wrong for bfloat16
+        return grouped_gemm(x.float(), weight.float(), m_sizes).to(x.dtype)
     op = grouped_gemm_op if torch.compiler.is_compiling() else _GroupedGemm.apply
     return op(x.contiguous(), weight, m_sizes)

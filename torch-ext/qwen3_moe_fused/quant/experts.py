@@ -76,9 +76,79 @@ def is_quantized(t: Tensor | None) -> bool:
     return nf4_weight(t) is not None
 
 
+_FORWARD_HELP = (
+    "only qwen3_moe_fused's kernels read it: kernelize the model with the qwen3_moe_fused layer, or load it "
+    'with experts_implementation="qwen3_moe_fused" (Transformers\' own experts forward cannot run 4-bit experts)'
+)
+_SAVE_HELP = (
+    "save_pretrained cannot write 4-bit experts in Transformers' checkpoint layout. Save the LoRA adapter with "
+    "peft_model.save_pretrained(path) (the base model reloads and quantizes the same bytes), the whole model "
+    "losslessly with safetensors.torch.save_model(model, path) and load it with quantize_experts_4bit(model, "
+    "blocksize=...) then safetensors.torch.load_model(model, path), or a 16-bit checkpoint with "
+    "dequantize_experts_4bit(model).save_pretrained(path)"
+)
+_MERGE_HELP = (
+    "merging LoRA into 4-bit experts is not supported (NF4 cannot hold W + BA without a lossy requantization): "
+    "call qwen3_moe_fused.dequantize_experts_4bit(peft_model) first, then merge_adapter() or merge_and_unload() "
+    "merges into that 16-bit copy"
+)
+# Ops that read the storage as the dense (E, out, in) tensor it stands for, and the step that does it.
+_DENSE_OPS = {
+    torch.Tensor.transpose: _FORWARD_HELP, torch.transpose: _FORWARD_HELP, torch.Tensor.permute: _FORWARD_HELP,
+    torch.permute: _FORWARD_HELP, torch.nn.functional.linear: _FORWARD_HELP, torch.matmul: _FORWARD_HELP,
+    torch.Tensor.__matmul__: _FORWARD_HELP, torch.bmm: _FORWARD_HELP, torch.einsum: _FORWARD_HELP,
+    torch.chunk: _SAVE_HELP, torch.Tensor.chunk: _SAVE_HELP, torch.split: _SAVE_HELP,
+    torch.Tensor.split: _SAVE_HELP, torch.unbind: _SAVE_HELP, torch.Tensor.unbind: _SAVE_HELP,
+}  # fmt: skip
+if hasattr(torch, "_grouped_mm"):
+    _DENSE_OPS[torch._grouped_mm] = _FORWARD_HELP
+_IN_PLACE_ARITHMETIC = {torch.Tensor.__iadd__, torch.Tensor.__isub__, torch.Tensor.add_, torch.Tensor.sub_}
+
+
+def _refused(args, func) -> str | None:
+    """What to do instead, when `func` would read 4-bit storage as the dense weight."""
+    if func in _IN_PLACE_ARITHMETIC:
+        return _MERGE_HELP
+    if func is Tensor.__getitem__ and not isinstance(args[1], slice):  # experts indexed one by one
+        return _FORWARD_HELP
+    return _DENSE_OPS.get(func)
+
+
+def _guarded_call(func, args, kwargs):
+    help = _refused(args, func)
+    if help is not None:
+        name = getattr(func, "__name__", str(func))
+        raise RuntimeError(f"qwen3_moe_fused: {name} on a 4-bit expert tensor (uint8 NF4 storage): {help}")
+    with torch._C.DisableTorchFunctionSubclass():
+        out = func(*args, **(kwargs or {}))
+    # .data and .detach() (state_dict, PEFT's merge) keep the guard; everything else is plain.
+    is_data = getattr(func, "__self__", None) is Tensor.data and func.__name__ == "__get__"
+    if func in (Tensor.detach, Tensor.clone) or is_data:
+        return out.as_subclass(_Nf4Bytes)
+    return out
+
+
+class _Nf4Bytes(Tensor):
+    """`.data` / `.detach()` of an Nf4Parameter (what state_dict() and PEFT's merge see): the
+    same bytes, with the same refusals."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        return _guarded_call(func, args, kwargs)
+
+    def __reduce_ex__(self, protocol):
+        return self.as_subclass(Tensor).__reduce_ex__(protocol)
+
+
 class Nf4Parameter(nn.Parameter):
     """The uint8 storage Parameter; a deep copy keeps the attributes saying what it holds
-    (nn.Parameter's own copies only the data)."""
+    (nn.Parameter's own copies only the data). Code that would read it as a dense weight
+    (Transformers' experts forward, save_pretrained's checkpoint conversion, PEFT's merge)
+    gets an error saying what to do instead of a shape error."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        return _guarded_call(func, args, kwargs)
 
     def __deepcopy__(self, memo):
         if id(self) not in memo:
