@@ -1,0 +1,178 @@
+"""The whole Qwen3MoeSparseMoeBlock (router included), side by side in ONE process: our layer's
+forward vs Transformers' experts implementations (`grouped_mm`, and `sonicmoe` where the
+SonicMoE kernel loads: `import peers; peers.install()` from the anchor site, see
+../shared/tools/anchors), on the same module, inputs and weights.
+
+Full fine-tuning: hidden states and every weight (router, gate_up, down) require grad;
+forward+backward = torch.autograd.grad of the output with a random contiguous output
+gradient w.r.t. all of them. LoRA cases (`--lora`): PEFT `target_parameters` LoRA r=16 on
+both expert tensors, base frozen, gradients of the hidden states and the LoRA factors; PEFT
+forms W + s*B@A in front of grouped_mm / sonicmoe, our layer reads the adapter itself.
+Median ms of triton.testing.do_bench after a warm-up call (SonicMoE autotunes on its first
+call per shape: not timed). Each implementation's output and gradients are compared with
+grouped_mm's (relative Frobenius error).
+
+    python benchmarks/block_side_by_side.py [--cases 30b-t16384,...] [--impls ours,grouped_mm,sonicmoe]
+        [--lora] [--repeats N] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _load import load_kernel  # noqa: E402
+
+CASES = {  # name: (H, I, E, K, tokens)
+    "30b-t16384": (2048, 768, 128, 8, 16384),
+    "30b-t2048": (2048, 768, 128, 8, 2048),
+    "30b-t64": (2048, 768, 128, 8, 64),
+    "235b-t8192": (4096, 1536, 128, 8, 8192),
+}
+
+
+def make_block(hidden, inter, experts, top_k, device, dtype):
+    from transformers import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+    config = Qwen3MoeConfig(hidden_size=hidden, moe_intermediate_size=inter, num_experts=experts,
+                            num_experts_per_tok=top_k, norm_topk_prob=True)  # fmt: skip
+    config._experts_implementation = "grouped_mm"
+    torch.manual_seed(0)
+    block = Qwen3MoeSparseMoeBlock(config).to(device, dtype)
+    with torch.no_grad():
+        block.gate.weight.normal_(0, 0.02)
+        block.experts.gate_up_proj.normal_(0, hidden**-0.5)
+        block.experts.down_proj.normal_(0, inter**-0.5)
+    return block
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def peak_mib(fn):
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def run_case(name, kernel, impls, lora, repeats, device, dtype):
+    hidden, inter, experts, top_k, tokens = CASES[name]
+    block = make_block(hidden, inter, experts, top_k, device, dtype)
+    module = block
+    if lora:
+        from peft import LoraConfig, get_peft_model
+        from torch import nn
+
+        class Holder(nn.Module):
+            def __init__(self, block):
+                super().__init__()
+                self.mlp = block
+
+        config = LoraConfig(target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"], r=16,
+                            lora_alpha=32, init_lora_weights=False)  # fmt: skip
+        module = get_peft_model(Holder(block), config).base_model.model.mlp
+    targets = [p for p in module.parameters() if p.requires_grad]
+    x = torch.randn(1, tokens, hidden, device=device, dtype=dtype, requires_grad=True)
+    grad_out = torch.randn(1, tokens, hidden, device=device, dtype=dtype)
+    layer_forward = kernel.layers.Qwen3MoeSparseMoeBlock.forward
+
+    config = block.experts.config  # read by the experts' forward on every call: switches the implementation
+
+    def forward_of(impl):
+        if impl == "ours":
+            return lambda: layer_forward(module, x)
+
+        def run():
+            config._experts_implementation = impl
+            return module(x)
+
+        return run
+
+    rows, ref = [], None
+    for impl in impls:
+        forward = forward_of(impl)
+        grads_of = lambda f=forward: torch.autograd.grad(f(), [x, *targets], grad_out)  # noqa: E731
+        try:
+            start = time.time()
+            out = forward().detach()
+            grads = grads_of()
+            first_s = time.time() - start
+            fwd = [triton.testing.do_bench(forward, warmup=25, rep=100, return_mode="median") for _ in range(repeats)]
+            both = [triton.testing.do_bench(grads_of, warmup=25, rep=100, return_mode="median") for _ in range(repeats)]
+            row = dict(case=name, lora=lora, impl=impl, tokens=tokens, fwd_ms=min(fwd), fwd_bwd_ms=min(both),
+                       fwd_ms_all=fwd, fwd_bwd_ms_all=both, peak_mib=peak_mib(grads_of), first_call_s=first_s)  # fmt: skip
+            if ref is None:
+                ref = (out, grads)
+            row["rel_err_out"] = rel_err(out, ref[0])
+            row["rel_err_grads"] = max(rel_err(a, b) for a, b in zip(grads, ref[1]))
+            flops = 2 * tokens * top_k * 3 * hidden * inter
+            row["fwd_tflops"], row["fwd_bwd_tflops"] = flops / row["fwd_ms"] / 1e9, 3 * flops / row["fwd_bwd_ms"] / 1e9
+        except Exception as e:  # one implementation failing must not lose the others' numbers
+            row = dict(case=name, lora=lora, impl=impl, tokens=tokens, error=f"{type(e).__name__}: {str(e)[:300]}")
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    config._experts_implementation = "grouped_mm"
+    del block, module
+    torch.cuda.empty_cache()
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--impls", default="grouped_mm,ours,sonicmoe")
+    parser.add_argument("--lora", action="store_true", help="PEFT LoRA r=16 on both expert tensors, base frozen")
+    parser.add_argument("--repeats", type=int, default=1, help="do_bench runs per number (the minimum is kept)")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("block_side_by_side.py times CUDA kernels: run it on a GPU (for a CPU check use side_by_side.py --quick)")
+    kernel = load_kernel()
+    impls = args.impls.split(",")
+    if "sonicmoe" in impls:
+        try:
+            import peers
+
+            peers.install()
+        except Exception as e:
+            print(f"sonicmoe unavailable: {type(e).__name__}: {e}")
+            impls.remove("sonicmoe")
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    a = torch.randn(8192, 8192, device=device, dtype=dtype)
+    dense_ms = triton.testing.do_bench(lambda: a @ a, return_mode="median")
+    import transformers
+
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                transformers=transformers.__version__, dense_bf16_tflops=2 * 8192**3 / dense_ms / 1e9,
+                date=time.strftime("%Y-%m-%d"), command=" ".join(sys.argv))  # fmt: skip
+    print(json.dumps(meta), flush=True)
+    rows = []
+    for name in args.cases.split(","):
+        rows += run_case(name, kernel, impls, args.lora, args.repeats, device, dtype)
+    print(f"\n{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, dense bf16 {meta['dense_bf16_tflops']:.0f} TFLOP/s"
+          f"{', LoRA r=16' if args.lora else ''}: fwd / fwd+bwd ms (rel err vs {impls[0]})")  # fmt: skip
+    print("| case | " + " | ".join(impls) + " |\n|---|" + "---|" * len(impls))
+    for name in args.cases.split(","):
+        cells = []
+        for impl in impls:
+            r = next(r for r in rows if r["case"] == name and r["impl"] == impl)
+            cells.append("error" if "error" in r else f"{r['fwd_ms']:.2f} / {r['fwd_bwd_ms']:.2f} ({r['rel_err_grads']:.0e})")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Where the host time of our layer goes at small token counts (Qwen3-30B-A3B block, bf16, CUDA).
+
+Times, per call, the router alone, the router + experts through our layer, and the functional
+`moe_experts_forward` on the router's output (GPU not awaited: host time), then a cProfile of
+the layer's forward sorted by own time.
+
+    python3 scripts/profile_layer.py [--tokens 64] [--calls 300]
+"""
+
+import argparse
+import cProfile
+import io
+import pstats
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from _load import load_kernel  # noqa: E402
+from block_side_by_side import make_block  # noqa: E402
+
+
+def host_us(fn, calls):
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return 1e6 * elapsed / calls
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--calls", type=int, default=300)
+    args = parser.parse_args()
+    kernel = load_kernel()
+    block = make_block(2048, 768, 128, 8, torch.device("cuda"), torch.bfloat16)
+    x = torch.randn(1, args.tokens, 2048, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    flat = x.view(-1, 2048)
+    layer = kernel.layers.Qwen3MoeSparseMoeBlock.forward
+    _, weights, ids = block.gate(flat)
+    experts = block.experts
+    calls = {
+        "router": lambda: block.gate(flat),
+        "layer (router + experts)": lambda: layer(block, x),
+        "experts_forward": lambda: kernel.experts_forward(experts, flat, ids, weights),
+        "moe_experts_forward": lambda: kernel.moe_experts_forward(
+            flat, experts.gate_up_proj, experts.down_proj, ids, weights, check_ids=False),
+        "grouped_mm block": lambda: block(x),
+    }  # fmt: skip
+    block.experts.config._experts_implementation = "grouped_mm"
+    for name, fn in calls.items():
+        print(f"{name:28s} host {host_us(fn, args.calls):8.1f} us/call", flush=True)
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(args.calls):
+        layer(block, x)
+    profile.disable()
+    torch.cuda.synchronize()
+    stream = io.StringIO()
+    pstats.Stats(profile, stream=stream).sort_stats("tottime").print_stats(25)
+    print(stream.getvalue())
+
+
+if __name__ == "__main__":
+    main()
