@@ -68,17 +68,26 @@ def parametrized_lora(module: nn.Module, name: str) -> tuple[torch.Tensor, tuple
     parametrized: with one adapter by a proxy holding the factors (`lhs` (E, out, r), `rhs`
     (E, r, in), `scaling`), which gives (the original tensor, (rhs, lhs * scaling)) for the
     fused GEMMs; with anything else PEFT has already formed W + delta, which is returned
-    as it is (no LoRA). Without a parametrization: (the tensor, None).
+    as it is (no LoRA). Without a parametrization: (the tensor, None). 4-bit tensors under
+    PEFT's parametrization raise a ValueError (PEFT casts the factors to uint8).
     """
     parametrizations = getattr(module, "parametrizations", None)
     if parametrizations is None or name not in parametrizations:
         return getattr(module, name), None
     chain = parametrizations[name]
     proxy = chain[0] if len(chain) == 1 else None
+    weight = chain.original
+    quantized = nf4_weight(weight)
+    shape = weight.shape if quantized is None else quantized.shape
+    if quantized is not None:
+        # PEFT casts the factors to the parameter's dtype (uint8 here): their values are lost.
+        raise ValueError(
+            f"qwen3_moe_fused: PEFT LoRA on 4-bit experts ({name}) cannot run through experts_implementation "
+            "(PEFT casts the LoRA factors to the 4-bit storage's dtype); kernelize the MoE blocks instead"
+        )
     if proxy is not None and all(hasattr(proxy, attr) for attr in ("lhs", "rhs", "scaling")):
-        weight = chain.original
         lhs, rhs = proxy.lhs, proxy.rhs
-        if lhs.dim() == 3 and lhs.shape[:2] == weight.shape[:2] and rhs.shape[2] == weight.shape[2]:
+        if lhs.dim() == 3 and lhs.shape[:2] == shape[:2] and rhs.shape[2] == shape[2]:
             return weight, (rhs, (lhs * proxy.scaling).contiguous())
     return getattr(module, name), None
 
