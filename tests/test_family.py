@@ -299,3 +299,48 @@ def test_join_shared_expert_refuses_what_it_cannot_join(kernel, checkpoints):
         kernel.join_shared_expert(_model("qwen3_vl_moe", checkpoints))
     with pytest.raises(ValueError, match="4-bit"):
         kernel.join_shared_expert(kernel.quantize_experts_4bit(_model("qwen3_next", checkpoints)))
+
+
+# ================================================================ GPU (bf16, the real shapes)
+
+GPU_SHAPES = [
+    # (family, H, I, E, K, shared): Qwen3-Next-80B-A3B, Qwen3.5/3.6-35B-A3B, Qwen3.5-397B-A17B
+    pytest.param("qwen3_next", 2048, 512, 512, 10, 512, id="qwen3-next-80b-a3b"),
+    pytest.param("qwen3_5_moe", 2048, 512, 256, 8, 512, id="qwen3.5-35b-a3b"),
+    pytest.param("qwen3_5_moe", 4096, 1024, 512, 10, 1024, id="qwen3.5-397b-a17b"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 300])
+@pytest.mark.parametrize("name,hidden,inter,experts,top_k,shared", GPU_SHAPES)
+def test_gpu_block_bf16_real_shapes(kernel, name, hidden, inter, experts, top_k, shared, tokens):
+    """One block of the real shape in bf16 on CUDA: our layer, separate and with the shared
+    expert joined, against Transformers' block with its eager experts loop (output, input and
+    every weight gradient within bf16 rounding of each other)."""
+    family = FAMILIES[name]
+    config = family.make_config(hidden_size=hidden, moe_intermediate_size=inter, num_experts=experts,
+                                num_experts_per_tok=top_k, shared_expert_intermediate_size=shared)  # fmt: skip
+    config._experts_implementation = "eager"
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        ref = family.block(config).to(torch.bfloat16)
+    with torch.no_grad():
+        for param in ref.parameters():
+            param.normal_(0.0, param.shape[-1] ** -0.5)
+    layer = getattr(kernel.layers, family.block_cls)
+    joined = kernel.join_shared_expert(copy.deepcopy(ref))
+    x = torch.randn(1, tokens, hidden, device="cuda", dtype=torch.bfloat16)
+    grad = torch.randn_like(x)
+
+    def run(block, forward):
+        block.zero_grad(set_to_none=True)
+        xg = x.clone().requires_grad_()
+        out = forward(block, xg)
+        out.backward(grad)
+        return [out, xg.grad, *(p.grad for p in block.parameters())]
+
+    expected = run(ref, type(ref).forward)
+    for block in (copy.deepcopy(ref), joined):
+        for a, b in zip(run(block, layer.forward), expected):
+            assert rel_err(a, b) <= 2e-2, rel_err(a, b)
