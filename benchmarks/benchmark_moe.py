@@ -55,10 +55,26 @@ class MoEShape:
     intermediate: int  # I (moe_intermediate_size)
     experts: int  # E
     top_k: int  # K
+    shared: int = 0  # shared_expert_intermediate_size (0: no shared expert)
 
 
 QWEN3_30B_A3B = MoEShape("Qwen3-30B-A3B", 2048, 768, 128, 8)
 QWEN3_235B_A22B = MoEShape("Qwen3-235B-A22B", 4096, 1536, 128, 8)
+# The rest of the Qwen3 MoE family (Transformers 5.22.2). Checked against the configuration
+# classes, whose defaults are these checkpoints: Qwen3NextConfig (Qwen3-Next-80B-A3B-Instruct),
+# Qwen3_5MoeTextConfig (Qwen3.5-35B-A3B; Qwen3.6-35B-A3B has the same architecture, per the
+# qwen3_5_moe model doc), Qwen3OmniMoeTextConfig (Qwen3-Omni-30B-A3B thinker: the 30B-A3B
+# shape). Not in any configuration class here (from the models' published config.json as
+# quoted by public training scripts; a third-party spec page confirms H 4096 and 512
+# experts for 397B): Qwen3-Coder-480B-A35B and Qwen3.5-397B-A17B. Qwen3-VL-30B-A3B /
+# VL-235B-A22B have the 30B-A3B / 235B-A22B text shapes (Qwen3VLMoeTextConfig's defaults
+# are not a released model).
+QWEN3_CODER_480B_A35B = MoEShape("Qwen3-Coder-480B-A35B", 6144, 2560, 160, 8)
+QWEN3_NEXT_80B_A3B = MoEShape("Qwen3-Next-80B-A3B", 2048, 512, 512, 10, shared=512)
+QWEN3_5_35B_A3B = MoEShape("Qwen3.5-35B-A3B", 2048, 512, 256, 8, shared=512)
+QWEN3_5_397B_A17B = MoEShape("Qwen3.5-397B-A17B", 4096, 1024, 512, 10, shared=1024)
+FAMILY_SHAPES = {s.name: s for s in (QWEN3_30B_A3B, QWEN3_235B_A22B, QWEN3_CODER_480B_A35B, QWEN3_NEXT_80B_A3B,
+                                     QWEN3_5_35B_A3B, QWEN3_5_397B_A17B)}  # fmt: skip
 TINY = MoEShape("tiny", 64, 32, 8, 2)
 
 

@@ -1,10 +1,11 @@
 """Tune the grouped GEMM tile configs on this GPU and write configs/<device>.json.
 
 Run on a CUDA machine after `python3 scripts/build.py` (it imports build/torch-cuda):
-    python3 scripts/tune.py [--quick] [--tokens 1024 ...] [--only routed|dw]
+    python3 scripts/tune.py [--quick] [--shapes NAME ... | --family] [--tokens 1024 ...] [--only routed|dw]
 Each GEMM kind of the MoE block is timed (triton.testing.do_bench, median) over a small
-candidate list for the Qwen3-30B-A3B and Qwen3-235B-A22B shapes, at a training and a
-decode token count (or --tokens); the fastest config of each key is merged into
+candidate list for the Qwen3-30B-A3B and Qwen3-235B-A22B shapes (--shapes: any of SHAPES;
+--family: all of them, Qwen3-Coder / Next / 3.5 too), at a training and a decode token
+count (or --tokens); the fastest config of each key is merged into
 torch-ext/qwen3_moe_fused/configs/<device>.json, which is written after every key.
 """
 
@@ -23,8 +24,17 @@ import qwen3_moe_fused as qmf  # noqa: E402
 from qwen3_moe_fused import tuning  # noqa: E402
 from qwen3_moe_fused.grouped_gemm import grouped_dw_launch, grouped_gemm_launch  # noqa: E402
 
-SHAPES = {"qwen3-30b-a3b": (2048, 768), "qwen3-235b-a22b": (4096, 1536)}  # (H, I)
-NUM_EXPERTS, TOP_K = 128, 8
+# (H, I, E, K, training token count), as benchmarks/benchmark_moe.py's named shapes. The
+# configs are keyed by (GEMM, N, K, block_m); E and K set the rows per expert (block_m).
+SHAPES = {
+    "qwen3-30b-a3b": (2048, 768, 128, 8, 16384),
+    "qwen3-235b-a22b": (4096, 1536, 128, 8, 8192),
+    "qwen3-coder-480b-a35b": (6144, 2560, 160, 8, 8192),
+    "qwen3-next-80b-a3b": (2048, 512, 512, 10, 16384),
+    "qwen3.5-35b-a3b": (2048, 512, 256, 8, 16384),
+    "qwen3.5-397b-a17b": (4096, 1024, 512, 10, 8192),
+}
+DEFAULT_SHAPES = ["qwen3-30b-a3b", "qwen3-235b-a22b"]
 LORA_RANK = 16
 
 
@@ -78,17 +88,17 @@ def best(name, launch, candidates, log):
     return cfg
 
 
-def tune_shape(hidden, inter, num_tokens, configs, log, save, only=None):
+def tune_shape(hidden, inter, num_experts, top_k, num_tokens, configs, log, save, only=None):
     """Tune every GEMM of one shape at num_tokens into configs, calling save() after each key."""
     dev = torch.device("cuda")
     x = torch.randn(num_tokens, hidden, device=dev, dtype=torch.bfloat16)
-    gate_up = torch.randn(NUM_EXPERTS, 2 * inter, hidden, device=dev, dtype=torch.bfloat16) * hidden**-0.5
-    down = torch.randn(NUM_EXPERTS, hidden, inter, device=dev, dtype=torch.bfloat16) * inter**-0.5
-    weights, ids = torch.randn(num_tokens, NUM_EXPERTS, device=dev).softmax(-1).topk(TOP_K, -1)
+    gate_up = torch.randn(num_experts, 2 * inter, hidden, device=dev, dtype=torch.bfloat16) * hidden**-0.5
+    down = torch.randn(num_experts, hidden, inter, device=dev, dtype=torch.bfloat16) * inter**-0.5
+    weights, ids = torch.randn(num_tokens, num_experts, device=dev).softmax(-1).topk(top_k, -1)
     weights = weights.to(torch.bfloat16)
     num_rows = ids.numel()
-    block_m = tuning.block_m_for(num_rows, NUM_EXPERTS)
-    r = qmf.route(ids, NUM_EXPERTS, block_m, True)
+    block_m = tuning.block_m_for(num_rows, num_experts)
+    r = qmf.route(ids, num_experts, block_m, True)
     act = torch.empty(num_rows, inter, device=dev, dtype=torch.bfloat16)
     h = torch.empty(num_rows, 2 * inter, device=dev, dtype=torch.bfloat16)
     rows = torch.empty(num_rows, hidden, device=dev, dtype=torch.bfloat16)
@@ -113,7 +123,7 @@ def tune_shape(hidden, inter, num_tokens, configs, log, save, only=None):
         save()
     if block_m > 32 and only != "dw":  # training: the same GEMMs with the LoRA term (rank LORA_RANK) in the epilogue
         lora_rows = torch.randn(num_rows, LORA_RANK, device=dev, dtype=torch.bfloat16)
-        lora_b = {n: torch.randn(NUM_EXPERTS, n, LORA_RANK, device=dev, dtype=torch.bfloat16) * 0.1
+        lora_b = {n: torch.randn(num_experts, n, LORA_RANK, device=dev, dtype=torch.bfloat16) * 0.1
                   for n in (2 * inter, hidden)}  # fmt: skip
         with_lora = {
             "gate_up": (inter, hidden, True, lambda c: grouped_gemm_launch(
@@ -130,7 +140,7 @@ def tune_shape(hidden, inter, num_tokens, configs, log, save, only=None):
         return
     # Thin LoRA projections (rank LORA_RANK) of the token rows and of the activations.
     for k, a_in, gather in ((hidden, x, r.sorted_token), (inter, act, None)) if only != "dw" else ():
-        lora_a = torch.randn(NUM_EXPERTS, LORA_RANK, k, device=dev, dtype=torch.bfloat16)
+        lora_a = torch.randn(num_experts, LORA_RANK, k, device=dev, dtype=torch.bfloat16)
         projected = torch.empty(num_rows, LORA_RANK, device=dev, dtype=torch.bfloat16)
         key = tuning.gemm_key("lora", LORA_RANK, k, block_m)
         launch = lambda c, a_in=a_in, lora_a=lora_a, gather=gather, projected=projected: grouped_gemm_launch(  # noqa: E731
@@ -154,6 +164,8 @@ def tune_shape(hidden, inter, num_tokens, configs, log, save, only=None):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="only the 30B-A3B shape")
+    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), help=f"shapes to tune (default {DEFAULT_SHAPES})")
+    parser.add_argument("--family", action="store_true", help="every shape of SHAPES")
     parser.add_argument("--only", choices=["routed", "dw"], help="only the routed GEMMs (with and without the LoRA "
                         "term) or only the weight-gradient GEMMs, at the training token count")  # fmt: skip
     parser.add_argument("--tokens", type=int, nargs="+", help="token counts to tune at (default: the training "
@@ -169,12 +181,12 @@ def main():
         write(path, name, configs)
 
     with open(args.log, "w") as log:
-        for shape, (hidden, inter) in SHAPES.items():
-            if args.quick and shape != "qwen3-30b-a3b":
-                continue
-            token_counts = (16384 if hidden == 2048 else 8192,) + (() if args.only else (16,))
+        shapes = ["qwen3-30b-a3b"] if args.quick else list(SHAPES) if args.family else args.shapes or DEFAULT_SHAPES
+        for shape in shapes:
+            hidden, inter, num_experts, top_k, train_tokens = SHAPES[shape]
+            token_counts = (train_tokens,) + (() if args.only else (16,))
             for num_tokens in args.tokens or token_counts:
-                tune_shape(hidden, inter, num_tokens, configs, log, save, args.only)
+                tune_shape(hidden, inter, num_experts, top_k, num_tokens, configs, log, save, args.only)
     print(f"wrote {path} ({len(configs)} configs) in {time.time() - start:.0f} s")
 
 

@@ -24,3 +24,18 @@ def test_qlora_example_tiny():
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
     assert "experts {'down_proj': 4, 'gate_up_proj': 4}, attention q_proj 16" in run.stdout
     assert "tokens/s" in run.stdout
+
+
+@pytest.mark.skipif(not published_cache(), reason="needs the published build (make publish-local)")
+def test_qlora_qwen3_5_moe_example_tiny():
+    """examples/qlora_qwen3_5_moe.py --tiny: Qwen3.5 MoE (Gated DeltaNet + attention, shared
+    expert) with 4-bit experts and attention, kernelized, PEFT LoRA on experts, attention and
+    the shared expert, one training step on CPU."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "qlora_qwen3_5_moe.py"), "--tiny", "--steps", "1"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    assert "experts {'down_proj': 4, 'gate_up_proj': 4}, attention q_proj 16, shared expert 16" in run.stdout
+    assert "tokens/s" in run.stdout

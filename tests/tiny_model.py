@@ -65,27 +65,30 @@ def _random_weight(name: str, shape: tuple, generator: torch.Generator) -> torch
     return torch.randn(shape, generator=generator) / math.sqrt(shape[-1])
 
 
-def tiny_state_dict(config, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random float32 weights for every parameter of Qwen3MoeForCausalLM(config), experts per expert."""
-    from transformers import Qwen3MoeForCausalLM
+def tiny_state_dict(config, seed: int = 0, model_cls=None) -> dict[str, torch.Tensor]:
+    """Random float32 weights for every parameter of model_cls(config) (default
+    Qwen3MoeForCausalLM), experts per expert as on the Hub
+    (`<prefix>.mlp.experts.{e}.gate_proj.weight`, `up_proj`, `down_proj`)."""
+    if model_cls is None:
+        from transformers import Qwen3MoeForCausalLM as model_cls
 
     with torch.device("meta"):
-        skeleton = Qwen3MoeForCausalLM(config)
+        skeleton = model_cls(config)
     generator = torch.Generator().manual_seed(seed)
     num_experts, inter = config.num_experts, config.moe_intermediate_size
     state = {}
     for name, param in skeleton.state_dict().items():
         shape = tuple(param.shape)
         if name.endswith("mlp.experts.gate_up_proj"):  # (E, 2I, H) in the model: write gate and up per expert
-            layer = int(name.split(".")[2])
+            prefix = name[: -len("gate_up_proj")]
             for expert in range(num_experts):
                 for proj in ("gate_proj", "up_proj"):
-                    key = EXPERT_KEY.format(layer=layer, expert=expert, proj=proj)
+                    key = f"{prefix}{expert}.{proj}.weight"
                     state[key] = _random_weight(key, (inter, shape[2]), generator)
         elif name.endswith("mlp.experts.down_proj"):  # (E, H, I)
-            layer = int(name.split(".")[2])
+            prefix = name[: -len("down_proj")]
             for expert in range(num_experts):
-                key = EXPERT_KEY.format(layer=layer, expert=expert, proj="down_proj")
+                key = f"{prefix}{expert}.down_proj.weight"
                 state[key] = _random_weight(key, (shape[1], inter), generator)
         else:
             state[name] = _random_weight(name, shape, generator)
@@ -127,7 +130,7 @@ def published_cache() -> bool:
     return bool(cache) and (Path(cache) / folder / "refs" / "v1").is_file()
 
 
-def layer_repository():
+def layer_repository(layer_name: str = LAYER_NAME):
     """The package's block as a kernels LayerRepository, named by version 1 as users name it.
 
     kernels 0.17.2 resolves a LayerRepository's version to a commit through the Hub or a
@@ -137,7 +140,7 @@ def layer_repository():
     from kernels import LayerRepository
 
     version = {"version": 1} if published_cache() or "LOCAL_KERNELS" not in os.environ else {"revision": "v1"}
-    return LayerRepository(repo_id=REPO_ID, layer_name=LAYER_NAME, **version)
+    return LayerRepository(repo_id=REPO_ID, layer_name=layer_name, **version)
 
 
 def load_tiny(path, dtype=torch.float32, device="cpu", **kwargs):
@@ -148,26 +151,31 @@ def load_tiny(path, dtype=torch.float32, device="cpu", **kwargs):
     return Qwen3MoeForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).to(device)
 
 
-def kernelize_moe(model, mode, device="cpu"):
-    """Swap every Qwen3MoeSparseMoeBlock's forward for the package's layer, as users do."""
+def kernelize_moe(model, mode, device="cpu", block_classes=None):
+    """Swap every MoE block's forward (Qwen3MoeSparseMoeBlock, or each of block_classes) for
+    the package's layer of the same name, as users do."""
     from kernels import kernelize, replace_kernel_forward_from_hub, use_kernel_mapping
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
-    replace_kernel_forward_from_hub(Qwen3MoeSparseMoeBlock, LAYER_NAME)  # undecorated in Transformers 5.x
-    with use_kernel_mapping({LAYER_NAME: {torch.device(device).type: layer_repository()}}):
-        return kernelize(model, mode=mode, device=torch.device(device).type)
+    block_classes = block_classes or [Qwen3MoeSparseMoeBlock]
+    device_type = torch.device(device).type
+    for cls in block_classes:
+        replace_kernel_forward_from_hub(cls, cls.__name__)  # undecorated in Transformers 5.x
+    mapping = {cls.__name__: {device_type: layer_repository(cls.__name__)} for cls in block_classes}
+    with use_kernel_mapping(mapping):
+        return kernelize(model, mode=mode, device=device_type)
 
 
-def moe_blocks(model):
+def moe_blocks(model, block_classes=None):
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
-    return [m for m in model.modules() if isinstance(m, Qwen3MoeSparseMoeBlock)]
+    return [m for m in model.modules() if isinstance(m, tuple(block_classes or [Qwen3MoeSparseMoeBlock]))]
 
 
 def runs_kernel_layer(block, kernel) -> bool:
     """Whether kernelize replaced this block's forward by the package's layer."""
     forward = getattr(block.forward, "__func__", None)
-    return forward is kernel.layers.Qwen3MoeSparseMoeBlock.forward
+    return forward is getattr(kernel.layers, type(block).__name__).forward
 
 
 # ---------------------------------------------------------------- checks on model runs

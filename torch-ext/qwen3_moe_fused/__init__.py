@@ -1,4 +1,4 @@
-"""qwen3-moe-fused: Triton kernels for the Qwen3 MoE block (Transformers, PEFT LoRA on the experts)."""
+"""qwen3-moe-fused: Triton kernels for the MoE blocks of the Qwen3 MoE family (Transformers, PEFT LoRA on the experts)."""
 
 from . import layers
 from .functional import grouped_gemm, moe_experts_forward
@@ -6,6 +6,7 @@ from .layers import experts_forward
 from .lora_convert import lora_from_per_expert, lora_to_per_expert
 from .quant import dequantize_experts_4bit, quantize_experts_4bit
 from .routing import Routing, route
+from .shared_expert import join_shared_expert
 
 __all__ = [
     "layers",
@@ -18,4 +19,5 @@ __all__ = [
     "lora_from_per_expert",
     "quantize_experts_4bit",
     "dequantize_experts_4bit",
+    "join_shared_expert",
 ]

@@ -7,7 +7,9 @@ from torch import nn
 from .checks import check_experts_inputs, check_lora, weight_like
 from .functional import moe_experts
 from .quant import is_quantized
-from .wrappers import is_supported, lora_factors, unwrap_experts
+from .quant.experts import EXPERT_TENSORS
+from .shared_expert import fused_shared_inputs
+from .wrappers import is_supported, lora_factors, parametrized_lora, unwrap_experts
 
 
 def _is_silu(act_fn) -> bool:
@@ -33,7 +35,9 @@ def experts_forward(
     gate_up_lora: tuple[torch.Tensor, torch.Tensor] | None = None,
     down_lora: tuple[torch.Tensor, torch.Tensor] | None = None,
 ):
-    """Transformers ExpertsInterface function for Qwen3MoeExperts.
+    """Transformers ExpertsInterface function for the Qwen3 MoE family's experts classes
+    (Qwen3MoeExperts, Qwen3NextExperts, Qwen3_5MoeExperts, Qwen3VLMoeTextExperts,
+    Qwen3OmniMoeThinkerTextExperts).
 
     self holds gate_up_proj (E, 2I, H), down_proj (E, H, I) (dense, or both 4-bit from
     quantize_experts_4bit) and act_fn (SiLU).
@@ -45,7 +49,13 @@ def experts_forward(
         raise ValueError(
             f"qwen3_moe_fused supports only the SiLU activation (hidden_act='silu'), got {type(self.act_fn).__name__}"
         )
-    x, gate_up, down = _autocast(hidden_states, self.gate_up_proj, self.down_proj)
+    if gate_up_lora is None and down_lora is None:
+        # Through Transformers' experts interface inside PEFT's ParamWrapper forward, the tensors
+        # are parametrized as W + s·B@A: take the factors instead of PEFT's folded weight.
+        (gate_up, gate_up_lora), (down, down_lora) = (parametrized_lora(self, name) for name in EXPERT_TENSORS)
+    else:
+        gate_up, down = self.gate_up_proj, self.down_proj
+    x, gate_up, down = _autocast(hidden_states, gate_up, down)
     gate_up_lora, down_lora = (None if lora is None else tuple(_autocast(*lora)) for lora in (gate_up_lora, down_lora))
     gate_up_like, down_like = weight_like(gate_up, x.dtype), weight_like(down, x.dtype)
     check_experts_inputs(x, gate_up_like, down_like, top_k_index, top_k_weights)
@@ -68,6 +78,40 @@ def _fused_experts(experts: nn.Module, x, top_k_index, top_k_weights):
     return experts_forward(base, x, top_k_index, top_k_weights, gate_up_lora=gate_up_lora, down_lora=down_lora)
 
 
+def _routed_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Router, then the routed experts: (T, H) -> (T, H)."""
+    # Calling block.gate keeps the router-logit hooks (output_router_logits, aux_loss) working.
+    _, routing_weights, selected_experts = block.gate(x)
+    out = _fused_experts(block.experts, x, selected_experts, routing_weights)
+    if out is None:  # experts wrapped in something else: their own forward
+        out = block.experts(x, selected_experts, routing_weights)
+    return out
+
+
+def _shared_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Routed experts plus the shared expert weighted by sigmoid(shared_expert_gate(x)), as
+    Transformers computes it; with join_shared_expert the shared expert runs inside the
+    routed GEMMs as one more expert."""
+    fused = fused_shared_inputs(block, x)
+    if fused is not None:
+        experts, top_k_index, top_k_weights, gate_up_lora, down_lora = fused
+        return experts_forward(experts, x, top_k_index, top_k_weights, gate_up_lora=gate_up_lora, down_lora=down_lora)
+    shared = block.shared_expert(x)  # its own modules: PEFT LoRA or 4-bit linears on it keep working
+    routed = _routed_forward(block, x)
+    return routed + torch.sigmoid(block.shared_expert_gate(x)) * shared
+
+
+def _block_forward(block: nn.Module, hidden_states: torch.Tensor, shared: bool) -> torch.Tensor:
+    batch, seq_len, hidden = hidden_states.shape
+    x = hidden_states.reshape(-1, hidden)
+    out = _shared_forward(block, x) if shared else _routed_forward(block, x)
+    return out.reshape(batch, seq_len, hidden)
+
+
+# One layer per Transformers block class of the Qwen3 MoE family. They differ only in
+# whether the block has a shared expert; the router (block.gate) is the module's own.
+
+
 class Qwen3MoeSparseMoeBlock(nn.Module):
     """Replaces transformers' Qwen3MoeSparseMoeBlock.forward: router, then fused experts."""
 
@@ -78,11 +122,32 @@ class Qwen3MoeSparseMoeBlock(nn.Module):
     experts: nn.Module
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        batch, seq_len, hidden = hidden_states.shape
-        x = hidden_states.reshape(-1, hidden)
-        # Calling self.gate keeps the router-logit hooks (output_router_logits, aux_loss) working.
-        _, routing_weights, selected_experts = self.gate(x)
-        out = _fused_experts(self.experts, x, selected_experts, routing_weights)
-        if out is None:  # experts wrapped in something else: their own forward
-            out = self.experts(x, selected_experts, routing_weights)
-        return out.reshape(batch, seq_len, hidden)
+        return _block_forward(self, hidden_states, shared=False)
+
+
+class Qwen3VLMoeTextSparseMoeBlock(Qwen3MoeSparseMoeBlock):
+    """Replaces transformers' Qwen3VLMoeTextSparseMoeBlock.forward (Qwen3-VL MoE text model)."""
+
+
+class Qwen3OmniMoeThinkerTextSparseMoeBlock(Qwen3MoeSparseMoeBlock):
+    """Replaces transformers' Qwen3OmniMoeThinkerTextSparseMoeBlock.forward (Qwen3-Omni thinker)."""
+
+
+class Qwen3NextSparseMoeBlock(nn.Module):
+    """Replaces transformers' Qwen3NextSparseMoeBlock.forward: router, fused routed experts,
+    and the shared expert with its sigmoid gate."""
+
+    has_backward = True
+    can_torch_compile = True
+
+    gate: nn.Module
+    experts: nn.Module
+    shared_expert: nn.Module
+    shared_expert_gate: nn.Module
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return _block_forward(self, hidden_states, shared=True)
+
+
+class Qwen3_5MoeSparseMoeBlock(Qwen3NextSparseMoeBlock):
+    """Replaces transformers' Qwen3_5MoeSparseMoeBlock.forward (Qwen3.5 / Qwen3.6 MoE)."""

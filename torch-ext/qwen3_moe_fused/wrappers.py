@@ -59,3 +59,57 @@ def lora_factors(wrapper: nn.Module | None, weight: torch.Tensor) -> tuple[torch
         factors_a, factors_b = [torch.cat(factors_a, dim=1)], [torch.cat(factors_b, dim=2)]
     # Contiguous B: the GEMM epilogue reads (R, BLOCK_N) tiles of it per expert.
     return factors_a[0].to(dtype), factors_b[0].to(dtype, memory_format=torch.contiguous_format)
+
+
+def parametrized_lora(module: nn.Module, name: str) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """(weight, LoRA) of an experts tensor as the experts module's own forward sees it.
+
+    Inside PEFT's ParamWrapper forward (the path of `experts_implementation`), the tensor is
+    parametrized: with one adapter by a proxy holding the factors (`lhs` (E, out, r), `rhs`
+    (E, r, in), `scaling`), which gives (the original tensor, (rhs, lhs * scaling)) for the
+    fused GEMMs; with anything else PEFT has already formed W + delta, which is returned
+    as it is (no LoRA). Without a parametrization: (the tensor, None). 4-bit tensors under
+    PEFT's parametrization raise a ValueError (PEFT casts the factors to uint8).
+    """
+    parametrizations = getattr(module, "parametrizations", None)
+    if parametrizations is None or name not in parametrizations:
+        return getattr(module, name), None
+    chain = parametrizations[name]
+    proxy = chain[0] if len(chain) == 1 else None
+    weight = chain.original
+    quantized = nf4_weight(weight)
+    shape = weight.shape if quantized is None else quantized.shape
+    if quantized is not None:
+        # PEFT casts the factors to the parameter's dtype (uint8 here): their values are lost.
+        raise ValueError(
+            f"qwen3_moe_fused: PEFT LoRA on 4-bit experts ({name}) cannot run through experts_implementation "
+            "(PEFT casts the LoRA factors to the 4-bit storage's dtype); kernelize the MoE blocks instead"
+        )
+    if proxy is not None and all(hasattr(proxy, attr) for attr in ("lhs", "rhs", "scaling")):
+        lhs, rhs = proxy.lhs, proxy.rhs
+        if lhs.dim() == 3 and lhs.shape[:2] == shape[:2] and rhs.shape[2] == shape[2]:
+            return weight, (rhs, (lhs * proxy.scaling).contiguous())
+    return getattr(module, name), None
+
+
+def linear_lora(linear: nn.Module) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None] | None:
+    """(weight (out, in), LoRA (A (R, in), B (out, R) with the scaling folded in) or None) of an
+    nn.Linear without bias, plain or wrapped by PEFT's LoRA `Linear`; None when the module is
+    anything else (a bias, dropout, DoRA, a quantized base): callers then run its forward."""
+    base = linear.get_base_layer() if hasattr(linear, "get_base_layer") else linear
+    if type(base) is not nn.Linear or base.bias is not None:
+        return None
+    if base is linear:
+        return base.weight, None
+    if not hasattr(linear, "lora_A") or getattr(linear, "merged", False):
+        return None
+    if linear.disable_adapters:
+        return base.weight, None
+    if not is_supported(linear) or getattr(linear, "use_dora", {}) and any(linear.use_dora.values()):
+        return None
+    adapters = [name for name in linear.active_adapters if name in linear.lora_A]
+    if not adapters:
+        return base.weight, None
+    factors_a = [linear.lora_A[name].weight for name in adapters]
+    factors_b = [linear.lora_B[name].weight * linear.scaling[name] for name in adapters]
+    return base.weight, (torch.cat(factors_a, dim=0), torch.cat(factors_b, dim=1))
