@@ -115,6 +115,12 @@ def _refused(args, func) -> str | None:
 
 
 def _guarded_call(func, args, kwargs):
+    # PEFT's ParamWrapper forward (the experts_implementation path) parametrizes the tensor as
+    # baddbmm(W, B, A) while the experts run, and evaluates that once to check it. 4-bit storage
+    # cannot hold W + s·B@A: it stays as it is, and the package's experts function reads the
+    # factors from the parametrization (wrappers.parametrized_lora).
+    if func is torch.baddbmm and args and is_quantized(args[0]):
+        return args[0]
     help = _refused(args, func)
     if help is not None:
         name = getattr(func, "__name__", str(func))
@@ -149,18 +155,6 @@ class Nf4Parameter(nn.Parameter):
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         return _guarded_call(func, args, kwargs)
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        # PEFT's ParamWrapper forward (the experts_implementation path) parametrizes the tensor
-        # as baddbmm(W, B, A) while the experts run, and evaluates that once to check it. 4-bit
-        # storage cannot hold W + s·B@A: it stays as it is, and the package's experts function
-        # reads the factors from the parametrization (wrappers.parametrized_lora). Other experts
-        # functions fail on the uint8 tensor as they do without PEFT.
-        if func is torch.baddbmm and args and is_quantized(args[0]):
-            return args[0]
-        with torch._C.DisableTorchFunctionSubclass():
-            return func(*args, **(kwargs or {}))
 
     def __deepcopy__(self, memo):
         if id(self) not in memo:
