@@ -353,7 +353,8 @@ def _swiglu_gemm_kernel(
     PERSISTENT: tl.constexpr,
 ):
     # One program per tile, or (PERSISTENT) a grid of fewer programs that walk the tiles in
-    # the same grouped order.
+    # the same grouped order. The tile is a function so that one program per tile stays
+    # straight-line code: a loop of one trip compiles to other index arithmetic and a barrier.
     if PERSISTENT:
         num_tiles = num_tiles_m * tl.cdiv(N, BLOCK_N)
         for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
@@ -463,7 +464,8 @@ def _gemm_kernel(
     PERSISTENT: tl.constexpr,
 ):
     # One program per tile, or (PERSISTENT) a grid of fewer programs that walk the tiles in
-    # the same grouped order.
+    # the same grouped order. The tile is a function so that one program per tile stays
+    # straight-line code: a loop of one trip compiles to other index arithmetic and a barrier.
     if PERSISTENT:
         num_tiles = num_tiles_m * tl.cdiv(N, BLOCK_N)
         for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
