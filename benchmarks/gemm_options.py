@@ -1,14 +1,13 @@
 """Each routed GEMM of the MoE block with its shipped config, with one config option set to
-each of several values (e.g. persistent 0 1 2, tma_b 0 1: a GemmConfig field): median ms of
-triton.testing.do_bench.
+each of several values (e.g. PERSISTENT 0 1 2, TMA_B 0 1: keys of configs/*.json): median ms
+of triton.testing.do_bench.
 The first value is timed again at the end, which shows the drift between measurements.
 
 Run on a CUDA machine after `python3 scripts/build.py` (it imports build/torch-cuda):
-    python3 benchmarks/gemm_options.py persistent 0 1 2
+    python3 benchmarks/gemm_options.py PERSISTENT 0 1 2
 """
 
 import argparse
-import dataclasses
 import os
 import sys
 
@@ -56,7 +55,7 @@ def routed_gemms(hidden, inter, num_tokens):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("option", help="GemmConfig field, e.g. persistent or tma_b")
+    parser.add_argument("option", help="config key as in configs/*.json, e.g. PERSISTENT or TMA_B")
     parser.add_argument("values", type=int, nargs="+")
     args = parser.parse_args()
     dev = torch.device("cuda")
@@ -66,7 +65,7 @@ def main():
             base = tuning.gemm_config(kind, n, k, block_m, dev)
             cells = []
             for value in args.values + args.values[:1]:
-                cfg = dataclasses.replace(base, **{args.option: value})
+                cfg = tuning.GemmConfig.from_json(dict(base.to_json(), **{args.option: value}))
                 launch(cfg)
                 ms = triton.testing.do_bench(lambda cfg=cfg: launch(cfg), warmup=10, rep=50, return_mode="median")
                 cells.append(f"{args.option}={value} {ms:.4f}")
