@@ -1,5 +1,6 @@
 """Each routed GEMM of the MoE block with its shipped config, with one config option set to
-each of several values (e.g. PERSISTENT 0 1 2, TMA_B 0 1): median ms of triton.testing.do_bench.
+each of several values (e.g. PERSISTENT 0 1 2, TMA_B 0 1: keys of configs/*.json): median ms
+of triton.testing.do_bench.
 The first value is timed again at the end, which shows the drift between measurements.
 
 Run on a CUDA machine after `python3 scripts/build.py` (it imports build/torch-cuda):
@@ -17,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "build", "torch-cuda"))
 import qwen3_moe_fused as qmf  # noqa: E402
 from qwen3_moe_fused import tuning  # noqa: E402
-from qwen3_moe_fused.grouped_gemm import grouped_gemm_launch  # noqa: E402
+from qwen3_moe_fused.grouped_gemm import grouped_gemm_launch, swiglu_gemm_launch  # noqa: E402
 
 CASES = [((2048, 768), 16384), ((2048, 768), 2048), ((4096, 1536), 8192), ((2048, 768), 64)]  # (H, I), tokens
 NUM_EXPERTS, TOP_K = 128, 8
@@ -40,8 +41,8 @@ def routed_gemms(hidden, inter, num_tokens):
     dh = torch.randn(num_rows, 2 * inter, device=dev, dtype=dt)
     grad_out = torch.randn_like(x)
     gemms = {
-        "gate_up": (inter, hidden, lambda c: grouped_gemm_launch(
-            x, gate_up, act, r, c, gather=r.sorted_token, swiglu=True, h_out=h)),
+        "gate_up": (inter, hidden, lambda c: swiglu_gemm_launch(
+            x, gate_up, act, r, c, gather=r.sorted_token, h_out=h)),
         "down": (hidden, inter, lambda c: grouped_gemm_launch(
             act, down, rows, r, c, scatter=r.sort_idx, row_scale=weights)),
         "down_dx": (inter, hidden, lambda c: grouped_gemm_launch(
@@ -54,7 +55,7 @@ def routed_gemms(hidden, inter, num_tokens):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("option", help="config key, e.g. PERSISTENT or TMA_B")
+    parser.add_argument("option", help="config key as in configs/*.json, e.g. PERSISTENT or TMA_B")
     parser.add_argument("values", type=int, nargs="+")
     args = parser.parse_args()
     dev = torch.device("cuda")
@@ -64,7 +65,7 @@ def main():
             base = tuning.gemm_config(kind, n, k, block_m, dev)
             cells = []
             for value in args.values + args.values[:1]:
-                cfg = dict(base, **{args.option: value})
+                cfg = tuning.GemmConfig.from_json(dict(base.to_json(), **{args.option: value}))
                 launch(cfg)
                 ms = triton.testing.do_bench(lambda cfg=cfg: launch(cfg), warmup=10, rep=50, return_mode="median")
                 cells.append(f"{args.option}={value} {ms:.4f}")

@@ -10,6 +10,7 @@ torch-ext/qwen3_moe_fused/configs/<device>.json, which is written after every ke
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -22,7 +23,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "build", "torch-cuda"))
 import qwen3_moe_fused as qmf  # noqa: E402
 from qwen3_moe_fused import tuning  # noqa: E402
-from qwen3_moe_fused.grouped_gemm import grouped_dw_launch, grouped_gemm_launch  # noqa: E402
+from qwen3_moe_fused.grouped_gemm import grouped_dw_launch, grouped_gemm_launch, swiglu_gemm_launch  # noqa: E402
+from qwen3_moe_fused.tuning import DwConfig, GemmConfig  # noqa: E402
 
 # (H, I, E, K, training token count), as benchmarks/benchmark_moe.py's named shapes. The
 # configs are keyed by (GEMM, N, K, block_m); E and K set the rows per expert (block_m).
@@ -49,17 +51,17 @@ def gemm_candidates(block_m: int, swiglu: bool):
     for block_n, block_k, warps, stages in tiles:
         smem = stages * (block_m * block_k + block_k * block_n * (2 if swiglu else 1)) * 2
         if smem <= 220 * 1024 and not (swiglu and block_n > 128):
-            cfg = dict(BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=warps, num_stages=stages)
+            cfg = GemmConfig(block_n=block_n, block_k=block_k, group_m=8, num_warps=warps, num_stages=stages)
             yield cfg
             if block_m > 32:  # training tiles: also with B through a TMA descriptor, on a persistent grid
-                yield dict(cfg, TMA_B=True)
-                yield dict(cfg, TMA_B=True, PERSISTENT=1)
+                yield dataclasses.replace(cfg, tma_b=True)
+                yield dataclasses.replace(cfg, tma_b=True, persistent=1)
 
 
 def lora_candidates():
     for block_n, block_k, warps, stages in [(16, 64, 4, 3), (16, 128, 4, 3), (32, 64, 4, 3), (32, 128, 4, 3),
                                             (16, 256, 4, 2), (32, 128, 8, 4)]:  # fmt: skip
-        yield dict(BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=warps, num_stages=stages)
+        yield GemmConfig(block_n=block_n, block_k=block_k, group_m=8, num_warps=warps, num_stages=stages)
 
 
 def dw_candidates():
@@ -69,7 +71,7 @@ def dw_candidates():
                                       (128, 128, 64, 4, 3), (128, 256, 32, 8, 4)]:  # fmt: skip
         smem = stages * (bm + bn) * bk * 2
         if smem <= 220 * 1024:
-            yield dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+            yield DwConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
 
 
 def best(name, launch, candidates, log):
@@ -106,8 +108,8 @@ def tune_shape(hidden, inter, num_experts, top_k, num_tokens, configs, log, save
     grad_out = torch.randn_like(x)
     flat_w = weights.reshape(-1)
     routed = {
-        "gate_up": (inter, hidden, True, lambda c: grouped_gemm_launch(
-            x, gate_up, act, r, c, gather=r.sorted_token, swiglu=True, h_out=h)),
+        "gate_up": (inter, hidden, True, lambda c: swiglu_gemm_launch(
+            x, gate_up, act, r, c, gather=r.sorted_token, h_out=h)),
         "down": (hidden, inter, False, lambda c: grouped_gemm_launch(
             act, down, rows, r, c, scatter=r.sort_idx, row_scale=flat_w)),
         "down_dx": (inter, hidden, False, lambda c: grouped_gemm_launch(
@@ -126,8 +128,8 @@ def tune_shape(hidden, inter, num_experts, top_k, num_tokens, configs, log, save
         lora_b = {n: torch.randn(num_experts, n, LORA_RANK, device=dev, dtype=torch.bfloat16) * 0.1
                   for n in (2 * inter, hidden)}  # fmt: skip
         with_lora = {
-            "gate_up": (inter, hidden, True, lambda c: grouped_gemm_launch(
-                x, gate_up, act, r, c, gather=r.sorted_token, swiglu=True, h_out=h,
+            "gate_up": (inter, hidden, True, lambda c: swiglu_gemm_launch(
+                x, gate_up, act, r, c, gather=r.sorted_token, h_out=h,
                 lora=(lora_rows, lora_b[2 * inter], False))),
             "down": (hidden, inter, False, lambda c: grouped_gemm_launch(
                 act, down, rows, r, c, scatter=r.sort_idx, row_scale=flat_w, lora=(lora_rows, lora_b[hidden], False))),
@@ -174,7 +176,7 @@ def main():
     args = parser.parse_args()
     name = tuning.device_key(torch.cuda.get_device_name())
     path = os.path.join(ROOT, "torch-ext", "qwen3_moe_fused", "configs", f"{name}.json")
-    configs = json.load(open(path)) if os.path.exists(path) else {}
+    configs = tuning.parse_configs(json.load(open(path))) if os.path.exists(path) else {}
     start = time.time()
 
     def save():  # after each key: a partial run still leaves its results
@@ -191,13 +193,13 @@ def main():
 
 
 def write(path, name, configs):
+    """configs {key: GemmConfig or DwConfig} -> the JSON file (and a copy under $OUT)."""
+    entries = {key: cfg.to_json() for key, cfg in sorted(configs.items())}
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(dict(sorted(configs.items())), f, indent=1)
-        f.write("\n")
-    if os.environ.get("OUT"):  # the device tool brings back files under $OUT
-        with open(os.path.join(os.environ["OUT"], f"{name}.json"), "w") as f:
-            json.dump(dict(sorted(configs.items())), f, indent=1)
+    paths = [path] + ([os.path.join(os.environ["OUT"], f"{name}.json")] if os.environ.get("OUT") else [])
+    for p in paths:  # the device tool brings back files under $OUT
+        with open(p, "w") as f:
+            json.dump(entries, f, indent=1)
             f.write("\n")
 
 

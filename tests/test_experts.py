@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -61,7 +63,7 @@ def test_pytorch_path_matches_reference(kernel, monkeypatch):
 
 @pytest.mark.parametrize("shape", SHAPES[:3])
 def test_persistent_grid_matches(kernel, monkeypatch, shape):
-    """Routed GEMMs on a persistent grid (config PERSISTENT: a few programs that walk the
+    """Routed GEMMs on a persistent grid (GemmConfig.persistent: a few programs that walk the
     tiles) give the same bits as one program per tile, forward and backward."""
     x, gate_up, down, ids, weights = _inputs(*shape, dtype=torch.float32)
     lookup = kernel.tuning.gemm_config
@@ -72,7 +74,7 @@ def test_persistent_grid_matches(kernel, monkeypatch, shape):
         return [out, *torch.autograd.grad(out, leaves, torch.ones_like(out))]
 
     plain = run()
-    monkeypatch.setattr(kernel.functional, "gemm_config", lambda *a, **kw: dict(lookup(*a, **kw), PERSISTENT=1))
+    monkeypatch.setattr(kernel.functional, "gemm_config", lambda *a, **kw: replace(lookup(*a, **kw), persistent=1))
     for a, b in zip(plain, run()):
         assert torch.equal(a, b)
 

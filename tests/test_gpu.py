@@ -1,5 +1,7 @@
 """GPU tests (bf16, the Qwen3-30B-A3B block shape). Run on a CUDA machine: make test-gpu."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -196,10 +198,10 @@ def test_4bit_bf16(kernel, monkeypatch, num_tokens, path):
         assert err < 1e-2, name
 
 
-@pytest.mark.parametrize("option", ["TMA_B", "PERSISTENT"])
+@pytest.mark.parametrize("option", ["tma_b", "persistent"])
 def test_gemm_options_bit_equal(kernel, monkeypatch, option):
     """The routed GEMMs give the same bits with a config option on or off: expert weights
-    through a TMA descriptor (TMA_B), a persistent grid (PERSISTENT); forward and all
+    through a TMA descriptor (tma_b), a persistent grid (persistent); forward and all
     gradients, 30B-A3B shape."""
     x, gate_up, down, ids, weights = _inputs(2048, **QWEN3_30B)
     grad_out = torch.randn_like(x)
@@ -207,9 +209,9 @@ def test_gemm_options_bit_equal(kernel, monkeypatch, option):
 
     def forced(value):
         def config(kind, *args, **kwargs):
-            cfg = dict(lookup(kind, *args, **kwargs))
+            cfg = lookup(kind, *args, **kwargs)
             if kind in ("gate_up", "down", "down_dx", "gate_up_dx"):
-                cfg[option] = value
+                cfg = replace(cfg, **{option: value})
             return cfg
 
         return config

@@ -8,6 +8,8 @@ Triton runs on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1; other
 tensors take a PyTorch path (the experts loop, plain autograd).
 """
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -17,7 +19,7 @@ from ._ops import add_op_namespace_prefix
 from .activation import swiglu_backward_launch
 from .checks import check_expert_ids, check_experts_inputs, check_grouped_gemm_inputs, check_lora, weight_like
 from .combine import combine_launch
-from .grouped_gemm import grouped_dw_launch, grouped_gemm_launch
+from .grouped_gemm import grouped_dw_launch, grouped_gemm_launch, swiglu_gemm_launch
 from .quant import Nf4Weight, dequantize_nf4, nf4_views, nf4_weight
 from .routing import Routing, max_tiles, route, route_from_counts
 from .tuning import INTERPRET, block_m_for, dequantize_first, dw_config, gemm_config, rows_block
@@ -147,9 +149,9 @@ def _experts_fwd(
     lora = None
     if gate_up_a is not None:
         lora = (_lora_project(x, gate_up_a, r, gather=r.sorted_token), gate_up_b, False)
-    grouped_gemm_launch(
+    swiglu_gemm_launch(
         x, gate_up, act, r, gemm_config(_kind("gate_up", gate_up), inter, hidden, block_m, x.device, lora is not None),
-        gather=r.sorted_token, swiglu=True, h_out=h if save_h else None, lora=lora,
+        gather=r.sorted_token, h_out=h if save_h else None, lora=lora,
     )  # fmt: skip
     lora = (_lora_project(act, down_a, r), down_b, False) if down_a is not None else None
     rows = x.new_empty(num_rows, hidden)
@@ -174,6 +176,88 @@ def _(x, gate_up, down, top_k_index, top_k_weights, gate_up_a, gate_up_b, down_a
     return torch.empty_like(x), h, *index
 
 
+class _DownGrads(NamedTuple):
+    """Gradients through the down projection (unneeded ones are empty tensors)."""
+
+    dh: Tensor  # (T*K, 2I) of the pre-activation (gate, up), sorted rows: SwiGLU backward fused in
+    dweights: Tensor  # (T*K,) of the routing weights, (token, k) order
+    ddown: Tensor  # (E, H, I)
+    ddown_a: Tensor  # (E, R, I)
+    ddown_b: Tensor  # (E, H, R)
+
+
+class _GateUpGrads(NamedTuple):
+    """Gradients through the gate_up projection (unneeded ones are empty tensors)."""
+
+    dx: Tensor  # (T, H)
+    dgate_up: Tensor  # (E, 2I, H)
+    dgate_up_a: Tensor  # (E, R, H)
+    dgate_up_b: Tensor  # (E, 2I, R)
+
+
+def _down_projection_bwd(grad_out, h, down, down_a, down_b, top_k_weights, r: Routing, need_ddown, need_lora):
+    """grad_out (T, H) -> _DownGrads. h (T*K, 2I): the saved pre-activation."""
+    block_m = r.block_m
+    num_rows, (hidden, inter) = top_k_weights.numel(), down.shape[1:]
+    # Outputs of a custom op may not alias each other: one empty tensor each.
+    ddown, ddown_a, ddown_b = (grad_out.new_empty(0) for _ in range(3))
+    # g = dOut[token] @ (down[e] + B[e] A[e]): the gradient of each row's unweighted expert output.
+    lora = None
+    if down_a is not None:
+        down_l = _lora_project(grad_out, down_b, r, gather=r.sorted_token, transposed=True)
+        lora = (down_l, down_a, True)
+    g = grad_out.new_empty(num_rows, inter)
+    cfg = gemm_config(_kind("down_dx", down), inter, hidden, block_m, grad_out.device, lora is not None)
+    grouped_gemm_launch(grad_out, down, g, r, cfg, b_is_kn=True, gather=r.sorted_token, lora=lora)
+    dh = grad_out.new_empty(num_rows, 2 * inter)
+    w_act = grad_out.new_empty(num_rows, inter)
+    dweights = torch.empty(num_rows, dtype=top_k_weights.dtype, device=grad_out.device)
+    swiglu_backward_launch(g, h, top_k_weights.reshape(-1), r, dh, w_act, dweights, rows_block())
+    del g  # free row buffers as soon as they are consumed: lower peak memory
+
+    if down_a is not None and need_lora:
+        ddown_a = torch.empty(down_a.shape, dtype=down_a.dtype, device=grad_out.device)
+        grouped_dw_launch(down_l, w_act, ddown_a, r, _lora_dw_config(ddown_a, block_m))
+        ddown_b = torch.empty(down_b.shape, dtype=down_b.dtype, device=grad_out.device)
+        w_down_l = _lora_project(w_act, down_a, r)  # w * (A act), rows of the routing weight
+        grouped_dw_launch(grad_out, w_down_l, ddown_b, r, _lora_dw_config(ddown_b, block_m), a_gather=r.sorted_token)
+    if need_ddown:
+        ddown = torch.empty(down.shape, dtype=down.dtype, device=down.device)
+        cfg = dw_config("down_dw", hidden, inter, block_m, grad_out.device)
+        grouped_dw_launch(grad_out, w_act, ddown, r, cfg, a_gather=r.sorted_token)
+    return _DownGrads(dh, dweights, ddown, ddown_a, ddown_b)
+
+
+def _gate_up_projection_bwd(dh, x, gate_up, gate_up_a, gate_up_b, top_k_index, r: Routing, need_dx,
+                            need_dgate_up, need_lora):  # fmt: skip
+    """dh (T*K, 2I) -> _GateUpGrads."""
+    num_experts, block_m = r.expert_offsets.numel() - 1, r.block_m
+    num_rows, hidden = dh.shape[0], x.shape[1]
+    dx, dgate_up, dgate_up_a, dgate_up_b = (x.new_empty(0) for _ in range(4))  # not aliased, as above
+    lora = None
+    if gate_up_a is not None:
+        gate_up_l = _lora_project(dh, gate_up_b, r, transposed=True)  # dh @ B[e]: (rows, R)
+        lora = (gate_up_l, gate_up_a, True)
+    if need_dx:  # before dgate_up: its (T*K, H) rows are freed before that large gradient exists
+        rows = x.new_empty(num_rows, hidden)
+        cfg = gemm_config(_kind("gate_up_dx", gate_up), hidden, dh.shape[1], block_m, x.device, lora is not None)
+        grouped_gemm_launch(dh, gate_up, rows, r, cfg, b_is_kn=True, scatter=r.sort_idx, lora=lora)
+        dx = torch.empty_like(x)
+        combine_launch(rows, top_k_index, num_experts, dx)
+        del rows
+    if gate_up_a is not None and need_lora:
+        dgate_up_a = torch.empty(gate_up_a.shape, dtype=gate_up_a.dtype, device=x.device)
+        grouped_dw_launch(gate_up_l, x, dgate_up_a, r, _lora_dw_config(dgate_up_a, block_m), b_gather=r.sorted_token)
+        dgate_up_b = torch.empty(gate_up_b.shape, dtype=gate_up_b.dtype, device=x.device)
+        x_l = _lora_project(x, gate_up_a, r, gather=r.sorted_token)
+        grouped_dw_launch(dh, x_l, dgate_up_b, r, _lora_dw_config(dgate_up_b, block_m))
+    if need_dgate_up:
+        dgate_up = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=gate_up.device)
+        cfg = dw_config("gate_up_dw", dh.shape[1], hidden, block_m, x.device)
+        grouped_dw_launch(dh, x, dgate_up, r, cfg, b_gather=r.sorted_token)
+    return _GateUpGrads(dx, dgate_up, dgate_up_a, dgate_up_b)
+
+
 def _experts_bwd(
     grad_out: Tensor,
     x: Tensor,
@@ -195,65 +279,19 @@ def _experts_bwd(
     need_lora: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> dx (T, H), dgate_up (E, 2I, H), ddown (E, H, I), dweights (T, K), then the gradients
-    of gate_up_a, gate_up_b, down_a, down_b; unneeded ones are empty."""
+    of gate_up_a, gate_up_b, down_a, down_b; unneeded ones are empty. The down projection's
+    backward, then the gate_up projection's."""
     r = _routing(routing, block_m)
-    weights_flat = top_k_weights.reshape(-1)
     grad_out = grad_out.to(x.dtype).contiguous()
-    num_experts, inter = _shapes(gate_up, down, nf4)
-    num_rows, hidden = top_k_index.numel(), x.shape[1]
     gate_up, down = _operands(x, gate_up, down, nf4, r)
-    # Outputs of a custom op may not alias each other: one empty tensor each.
-    dx, dgate_up, ddown, dgate_up_a, dgate_up_b, ddown_a, ddown_b = (x.new_empty(0) for _ in range(7))
-
-    # g = dOut[token] @ (down[e] + B[e] A[e]): the gradient of each row's unweighted expert output.
-    lora = None
-    if down_a is not None:
-        down_l = _lora_project(grad_out, down_b, r, gather=r.sorted_token, transposed=True)
-        lora = (down_l, down_a, True)
-    g = x.new_empty(num_rows, inter)
-    cfg = gemm_config(_kind("down_dx", down), inter, hidden, block_m, x.device, lora is not None)
-    grouped_gemm_launch(grad_out, down, g, r, cfg, b_is_kn=True, gather=r.sorted_token, lora=lora)
-    dh = x.new_empty(num_rows, 2 * inter)
-    w_act = x.new_empty(num_rows, inter)
-    dweights = torch.empty(num_rows, dtype=top_k_weights.dtype, device=x.device)
-    swiglu_backward_launch(g, h, weights_flat, r, dh, w_act, dweights, rows_block())
-    del g  # free row buffers as soon as they are consumed: lower peak memory
-
-    if down_a is not None and need_lora:
-        ddown_a = torch.empty(down_a.shape, dtype=down_a.dtype, device=x.device)
-        grouped_dw_launch(down_l, w_act, ddown_a, r, _lora_dw_config(ddown_a, block_m))
-        ddown_b = torch.empty(down_b.shape, dtype=down_b.dtype, device=x.device)
-        w_down_l = _lora_project(w_act, down_a, r)  # w * (A act), rows of the routing weight
-        grouped_dw_launch(grad_out, w_down_l, ddown_b, r, _lora_dw_config(ddown_b, block_m), a_gather=r.sorted_token)
-    if need_ddown:
-        ddown = torch.empty(down.shape, dtype=down.dtype, device=down.device)
-        cfg = dw_config("down_dw", hidden, inter, block_m, x.device)
-        grouped_dw_launch(grad_out, w_act, ddown, r, cfg, a_gather=r.sorted_token)
-    del w_act
-
-    lora = None
-    if gate_up_a is not None:
-        gate_up_l = _lora_project(dh, gate_up_b, r, transposed=True)  # dh @ B[e]: (rows, R)
-        lora = (gate_up_l, gate_up_a, True)
-    if need_dx:  # before dgate_up: its (T*K, H) rows are freed before that large gradient exists
-        rows = x.new_empty(num_rows, hidden)
-        cfg = gemm_config(_kind("gate_up_dx", gate_up), hidden, 2 * inter, block_m, x.device, lora is not None)
-        grouped_gemm_launch(dh, gate_up, rows, r, cfg, b_is_kn=True, scatter=r.sort_idx, lora=lora)
-        dx = torch.empty_like(x)
-        combine_launch(rows, top_k_index, num_experts, dx)
-        del rows
-    if gate_up_a is not None and need_lora:
-        dgate_up_a = torch.empty(gate_up_a.shape, dtype=gate_up_a.dtype, device=x.device)
-        grouped_dw_launch(gate_up_l, x, dgate_up_a, r, _lora_dw_config(dgate_up_a, block_m), b_gather=r.sorted_token)
-        dgate_up_b = torch.empty(gate_up_b.shape, dtype=gate_up_b.dtype, device=x.device)
-        x_l = _lora_project(x, gate_up_a, r, gather=r.sorted_token)
-        grouped_dw_launch(dh, x_l, dgate_up_b, r, _lora_dw_config(dgate_up_b, block_m))
-    if need_dgate_up:
-        dgate_up = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=gate_up.device)
-        cfg = dw_config("gate_up_dw", 2 * inter, hidden, block_m, x.device)
-        grouped_dw_launch(dh, x, dgate_up, r, cfg, b_gather=r.sorted_token)
-    dweights = dweights.view(top_k_weights.shape)
-    return dx, dgate_up, ddown, dweights, dgate_up_a, dgate_up_b, ddown_a, ddown_b
+    down_grads = _down_projection_bwd(grad_out, h, down, down_a, down_b, top_k_weights, r, need_ddown, need_lora)
+    up_grads = _gate_up_projection_bwd(
+        down_grads.dh, x, gate_up, gate_up_a, gate_up_b, top_k_index, r, need_dx, need_dgate_up, need_lora
+    )
+    return (
+        up_grads.dx, up_grads.dgate_up, down_grads.ddown, down_grads.dweights.view(top_k_weights.shape),
+        up_grads.dgate_up_a, up_grads.dgate_up_b, down_grads.ddown_a, down_grads.ddown_b,
+    )  # fmt: skip
 
 
 experts_bwd_op = torch.library.custom_op(add_op_namespace_prefix("experts_bwd"), _experts_bwd, mutates_args=())

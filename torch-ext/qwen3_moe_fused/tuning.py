@@ -13,13 +13,16 @@ GEMM kinds (routed GEMMs, grouped_gemm/forward.py, key "<kind>|N=..|K=..|BM=..")
     <kind>_nf4   the same GEMM on 4-bit experts (B dequantized in the load)
     <kind>+lora  the same GEMM with the LoRA term in its epilogue
 Weight-gradient kinds (grouped_gemm/backward_dw.py, key "<kind>|M=..|N=..|BM=.."):
-    gate_up_dw (M = 2I, N = H), down_dw (M = H, N = I), plain_dw
+    gate_up_dw (M = 2I, N = H), down_dw (M = H, N = I), plain_dw, lora_dw
+A routed GEMM's entry is a GemmConfig, a weight-gradient GEMM's a DwConfig, under the
+JSON keys of _GEMM_KEYS / _DW_KEYS.
 """
 
 import functools
 import json
 import os
 import re
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -27,9 +30,81 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 
 
+@dataclass(frozen=True)
+class GemmConfig:
+    """A routed GEMM (grouped_gemm/forward.py). The row tile is the routing's block_m.
+
+    tma_b: load a dense B through a TMA descriptor (CUDA only; same bits as without).
+    persistent: programs per SM of a persistent grid whose programs walk the tiles;
+    0: one program per tile (same bits either way).
+    """
+
+    block_n: int
+    block_k: int
+    group_m: int
+    num_warps: int
+    num_stages: int
+    tma_b: bool = False
+    persistent: int = 0
+
+    @classmethod
+    def from_json(cls, entry: dict) -> "GemmConfig":
+        return cls(**_from_json(entry, _GEMM_KEYS, cls.__name__))
+
+    def to_json(self) -> dict:
+        return _to_json(self, _GEMM_KEYS, dict(tma_b=False, persistent=0))
+
+
+@dataclass(frozen=True)
+class DwConfig:
+    """A weight-gradient GEMM (grouped_gemm/backward_dw.py): an output tile (block_m, block_n) of one expert,
+    block_k routed rows per step."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+    @classmethod
+    def from_json(cls, entry: dict) -> "DwConfig":
+        return cls(**_from_json(entry, _DW_KEYS, cls.__name__))
+
+    def to_json(self) -> dict:
+        return _to_json(self, _DW_KEYS, {})
+
+
+_GEMM_KEYS = dict(
+    block_n="BLOCK_N", block_k="BLOCK_K", group_m="GROUP_M", num_warps="num_warps", num_stages="num_stages",
+    tma_b="TMA_B", persistent="PERSISTENT",
+)  # fmt: skip
+_DW_KEYS = dict(block_m="BLOCK_M", block_n="BLOCK_N", block_k="BLOCK_K", num_warps="num_warps", num_stages="num_stages")
+
+
+def _from_json(entry: dict, keys: dict, name: str) -> dict:
+    fields = {json_key: field for field, json_key in keys.items()}
+    unknown = set(entry) - set(fields)
+    if unknown:
+        raise ValueError(f"qwen3_moe_fused: unknown {name} keys {sorted(unknown)} (known: {sorted(fields)})")
+    return {fields[key]: value for key, value in entry.items()}
+
+
+def _to_json(config, keys: dict, defaults: dict) -> dict:
+    """The JSON entry; switches at their defaults are left out, as in the shipped files."""
+    return {keys[f]: v for f, v in asdict(config).items() if not (f in defaults and v == defaults[f])}
+
+
 def device_key(device_name: str) -> str:
     """'NVIDIA H100 80GB HBM3' -> 'NVIDIA_H100_80GB_HBM3' (the config file's name)."""
     return re.sub(r"[^A-Za-z0-9]+", "_", device_name).strip("_")
+
+
+def parse_configs(entries: dict) -> dict:
+    """A configs JSON file's entries -> {key: GemmConfig or DwConfig} (weight-gradient kinds end in "_dw")."""
+    return {
+        key: (DwConfig if key.split("|")[0].endswith("_dw") else GemmConfig).from_json(entry)
+        for key, entry in entries.items()
+    }
 
 
 @functools.lru_cache(maxsize=None)
@@ -39,7 +114,7 @@ def _shipped_configs(device_index: int) -> dict:
     if not os.path.exists(path):
         return {}
     with open(path) as f:
-        return json.load(f)
+        return parse_configs(json.load(f))
 
 
 def _lookup(device: torch.device, key: str):
@@ -71,26 +146,28 @@ def dequantize_first(num_rows: int, num_experts: int) -> bool:
 DEQUANTIZE_FIRST_ROWS_PER_EXPERT = 256
 
 
-def default_gemm_config(kind: str, block_m: int) -> dict:
+@functools.lru_cache(maxsize=None)
+def default_gemm_config(kind: str, block_m: int) -> GemmConfig:
     if INTERPRET:
-        return dict(BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
+        return GemmConfig(block_n=32, block_k=32, group_m=4, num_warps=4, num_stages=1)
     if kind == "lora":  # thin: N is the LoRA rank
-        return dict(BLOCK_N=32, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)
+        return GemmConfig(block_n=32, block_k=64, group_m=8, num_warps=4, num_stages=3)
     if kind.endswith("_nf4"):  # B dequantized in the load: its gathers and registers want small tiles
-        return dict(BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=1)
+        return GemmConfig(block_n=64, block_k=64, group_m=8, num_warps=4, num_stages=1)
     # SwiGLU keeps two accumulators: halve the column tile to keep registers in budget.
     block_n = 64 if (kind == "gate_up" and block_m >= 64) or block_m <= 32 else 128
     num_warps = 8 if block_m * block_n >= 128 * 128 else 4
-    return dict(BLOCK_N=block_n, BLOCK_K=64, GROUP_M=8, num_warps=num_warps, num_stages=3)
+    return GemmConfig(block_n=block_n, block_k=64, group_m=8, num_warps=num_warps, num_stages=3)
 
 
-def default_dw_config(kind: str, m: int, n: int) -> dict:
+@functools.lru_cache(maxsize=None)
+def default_dw_config(kind: str, m: int, n: int) -> DwConfig:
     if INTERPRET:
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=1)
+        return DwConfig(block_m=32, block_n=32, block_k=16, num_warps=4, num_stages=1)
     if kind == "lora_dw":  # one side is the LoRA rank: a thin tile along it
         block_m, block_n = (32, 128) if m < n else (128, 32)
-        return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3)
+        return DwConfig(block_m=block_m, block_n=block_n, block_k=64, num_warps=4, num_stages=3)
+    return DwConfig(block_m=128, block_n=128, block_k=32, num_warps=8, num_stages=3)
 
 
 def gemm_key(kind: str, n: int, k: int, block_m: int) -> str:
@@ -101,14 +178,14 @@ def dw_key(kind: str, m: int, n: int, block_m: int) -> str:
     return f"{kind}|M={m}|N={n}|BM={block_m}"
 
 
-def gemm_config(kind: str, n: int, k: int, block_m: int, device: torch.device, lora: bool = False) -> dict:
+def gemm_config(kind: str, n: int, k: int, block_m: int, device: torch.device, lora: bool = False) -> GemmConfig:
     """Config of a routed GEMM (grouped_gemm/forward.py); lora: with the LoRA term in its
     epilogue, which has its own entries ("<kind>+lora") where tuned."""
     found = _lookup(device, gemm_key(f"{kind}+lora", n, k, block_m)) if lora else None
     return found or _lookup(device, gemm_key(kind, n, k, block_m)) or default_gemm_config(kind, block_m)
 
 
-def dw_config(kind: str, m: int, n: int, block_m: int, device: torch.device) -> dict:
+def dw_config(kind: str, m: int, n: int, block_m: int, device: torch.device) -> DwConfig:
     """Config of a weight-gradient GEMM (grouped_gemm/backward_dw.py); block_m tracks rows per expert."""
     return _lookup(device, dw_key(kind, m, n, block_m)) or default_dw_config(kind, m, n)
 

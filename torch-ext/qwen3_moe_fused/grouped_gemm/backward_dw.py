@@ -1,7 +1,7 @@
 """Weight gradient of a grouped GEMM: dW[e] = sum over rows r of expert e of A[r]^T B[r].
 
-A rows and B rows may be gathered through an index. Experts with no rows get an exact
-zero gradient.
+A rows and B rows may be gathered through an index (None: read in sorted order). Experts
+with no rows get an exact zero gradient.
 """
 
 import torch
@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 
 from ..routing import Routing
+from ..tuning import DwConfig
 
 
 @triton.jit
@@ -16,8 +17,8 @@ def _grouped_dw_kernel(
     a_ptr,  # (rows of A, M)
     b_ptr,  # (rows of B, N)
     c_ptr,  # (E, M, N)
-    a_gather_ptr,  # (sorted rows,)
-    b_gather_ptr,  # (sorted rows,)
+    a_gather_ptr,  # (sorted rows,) row of A for each sorted row, or None
+    b_gather_ptr,  # (sorted rows,) row of B for each sorted row, or None
     expert_offsets_ptr,
     M,
     N,
@@ -28,8 +29,6 @@ def _grouped_dw_kernel(
     stride_ce,
     stride_cm,
     stride_cn,
-    A_GATHER: tl.constexpr,
-    B_GATHER: tl.constexpr,
     IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -51,11 +50,11 @@ def _grouped_dw_kernel(
     for r0 in range(row_start, row_end, BLOCK_K):
         rows = r0 + tl.arange(0, BLOCK_K)
         r_mask = rows < row_end
-        if A_GATHER:
+        if a_gather_ptr is not None:
             a_rows = tl.load(a_gather_ptr + rows, mask=r_mask, other=0).to(tl.int64)
         else:
             a_rows = rows.to(tl.int64)
-        if B_GATHER:
+        if b_gather_ptr is not None:
             b_rows = tl.load(b_gather_ptr + rows, mask=r_mask, other=0).to(tl.int64)
         else:
             b_rows = rows.to(tl.int64)
@@ -83,7 +82,7 @@ def grouped_dw_launch(
     b: torch.Tensor,
     out: torch.Tensor,
     routing: Routing,
-    config: dict,
+    config: DwConfig,
     *,
     a_gather: torch.Tensor | None = None,
     b_gather: torch.Tensor | None = None,
@@ -94,34 +93,15 @@ def grouped_dw_launch(
     (the dW of a weight stored as (E, N, M) is written through its transpose).
     """
     num_experts, m, n = out.shape
-    block_m, block_n = config["BLOCK_M"], config["BLOCK_N"]
-    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n), num_experts)
     if num_experts == 0 or m == 0 or n == 0:
         return out
-    dummy = routing.sort_idx
+    grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n), num_experts)
     _grouped_dw_kernel[grid](
-        a,
-        b,
-        out,
-        a_gather if a_gather is not None else dummy,
-        b_gather if b_gather is not None else dummy,
-        routing.expert_offsets,
-        m,
-        n,
-        a.stride(0),
-        a.stride(1),
-        b.stride(0),
-        b.stride(1),
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        A_GATHER=a_gather is not None,
-        B_GATHER=b_gather is not None,
-        IEEE=a.dtype == torch.float32,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_K=config["BLOCK_K"],
-        num_warps=config["num_warps"],
-        num_stages=config["num_stages"],
-    )
+        a_ptr=a, b_ptr=b, c_ptr=out, a_gather_ptr=a_gather, b_gather_ptr=b_gather,
+        expert_offsets_ptr=routing.expert_offsets, M=m, N=n,
+        stride_ar=a.stride(0), stride_am=a.stride(1), stride_br=b.stride(0), stride_bn=b.stride(1),
+        stride_ce=out.stride(0), stride_cm=out.stride(1), stride_cn=out.stride(2),
+        IEEE=a.dtype == torch.float32, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
     return out

@@ -1,0 +1,249 @@
+"""The grouped GEMM kernels one option at a time, against float64 torch on the same routing.
+
+Each case launches one kernel of grouped_gemm/ directly (routed GEMM, SwiGLU GEMM, weight
+gradient) on tiny shapes with a routing that leaves an expert without rows and sizes that
+are not multiples of the tiles. NF4 operands are random codes and absmax, dequantized here
+from the NF4 code values.
+"""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from reference import rel_err
+
+TOL = {torch.float32: 1e-5, torch.float16: 3e-3}
+NUM_TOKENS, TOP_K, NUM_EXPERTS, RANK = 13, 2, 4, 5
+
+
+def _routing(kernel, block_m, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.tensor([0, 1, 3])[torch.randint(0, 3, (NUM_TOKENS, TOP_K), generator=g)]  # expert 2: no rows
+    return kernel.route(ids.to(device), NUM_EXPERTS, block_m, True)
+
+
+def _row_experts(r):
+    """Expert of each sorted row."""
+    rows = torch.arange(r.sort_idx.numel())
+    return torch.searchsorted(r.expert_offsets.long().cpu(), rows, right=True) - 1
+
+
+def _rand(*shape, dtype, g, scale=1.0):
+    return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+
+def _nf4(kernel, shape, dtype, g, scale, blocksize=64):
+    """(Nf4Weight of random codes and absmax around scale, the dense float64 tensor it stands
+    for with each value rounded to dtype, as the kernels dequantize)."""
+    numel = shape[0] * shape[1] * shape[2]
+    codes = torch.randint(0, 256, ((numel + 1) // 2,), dtype=torch.uint8, generator=g)
+    absmax = (torch.rand(-(-numel // blocksize), generator=g) + 0.5) * scale
+    nibbles = torch.stack([codes >> 4, codes & 15], 1).flatten()[:numel].long()
+    values = kernel.quant.NF4_CODE[nibbles] * absmax.repeat_interleave(blocksize)[:numel]
+    dense = values.to(dtype).double().reshape(shape)
+    return kernel.functional.Nf4Weight(codes, absmax, tuple(shape), dtype, blocksize), dense
+
+
+def _config(kernel, block_n=32, block_k=32, persistent=0, **options):
+    fields = dict(block_n=block_n, block_k=block_k, group_m=2, num_warps=4, num_stages=1, persistent=persistent)
+    return kernel.tuning.GemmConfig(**dict(fields, **options))
+
+
+# (name, options) of the routed GEMM; every case also runs in float16 unless it says otherwise.
+GEMM_CASES = {
+    "plain": {},
+    "gather": dict(gather=True),
+    "scatter+row_scale": dict(scatter=True, row_scale=True),
+    "gather+lora": dict(gather=True, lora=True),
+    "scatter+lora+row_scale": dict(scatter=True, lora=True, row_scale=True),
+    "b_kn": dict(b_is_kn=True),
+    "b_kn+gather+lora_rn": dict(b_is_kn=True, gather=True, lora=True),
+    "b_kn+scatter": dict(b_is_kn=True, scatter=True),
+    "nf4 k-pairs": dict(nf4=True, gather=True),
+    "nf4 k-pairs, one scale per column": dict(nf4=True, block_k=64, k_in=128),
+    "nf4 n-pairs (b_kn)": dict(nf4=True, b_is_kn=True, gather=True),
+    "nf4 one value at a time (16 tiles)": dict(nf4=True, block_n=16, block_k=16, scatter=True),
+    "nf4 one value at a time (odd rows)": dict(nf4=True, k_in=39, gather=True),
+    "nf4+lora+scatter+row_scale": dict(nf4=True, lora=True, scatter=True, row_scale=True),
+    "persistent": dict(persistent=1, gather=True, scatter=True),
+    "persistent+nf4+lora": dict(persistent=2, nf4=True, lora=True),
+    "tiles 16": dict(block_n=16, block_k=16, gather=True),
+    "tiles 64, block_m 32": dict(block_n=64, block_k=64, block_m=32, scatter=True, row_scale=True),
+}
+
+
+def _routed_gemm(kernel, opts, dtype, device="cpu", **config):
+    """(out, expected float64) of one routed GEMM launch with options opts."""
+    g = torch.Generator().manual_seed(1)
+    block_m, k_in, n_out = opts.get("block_m", 16), opts.get("k_in", 40), 24
+    r = _routing(kernel, block_m, device)
+    num_rows = r.sort_idx.numel()
+    gather, scatter, b_is_kn = opts.get("gather"), opts.get("scatter"), bool(opts.get("b_is_kn"))
+    a = _rand(NUM_TOKENS if gather else num_rows, k_in, dtype=dtype, g=g)
+    b_shape = (NUM_EXPERTS, k_in, n_out) if b_is_kn else (NUM_EXPERTS, n_out, k_in)
+    if opts.get("nf4"):
+        b, b_dense = _nf4(kernel, b_shape, dtype, g, k_in**-0.5)
+    else:
+        b = _rand(*b_shape, dtype=dtype, g=g, scale=k_in**-0.5)
+        b_dense = b.double()
+    weight = b_dense.transpose(1, 2) if b_is_kn else b_dense  # (E, N, K)
+    row_scale = torch.rand(num_rows, generator=g).to(dtype) if opts.get("row_scale") else None
+    experts = _row_experts(r).cpu()
+    sorted_token, sort_idx = r.sorted_token.long().cpu(), r.sort_idx.long().cpu()
+    ref = torch.einsum("rk,rnk->rn", (a[sorted_token] if gather else a).double(), weight[experts])
+    lora = None
+    if opts.get("lora"):
+        lora_x = _rand(num_rows, RANK, dtype=dtype, g=g)
+        lb_is_rn = b_is_kn  # the dX GEMMs pass LB as (E, R, N)
+        lora_b = _rand(NUM_EXPERTS, *((RANK, n_out) if lb_is_rn else (n_out, RANK)), dtype=dtype, g=g, scale=0.3)
+        lb = lora_b.double().transpose(1, 2) if lb_is_rn else lora_b.double()  # (E, N, R)
+        ref = ref + torch.einsum("rq,rnq->rn", lora_x.double(), lb[experts])
+        lora = (lora_x.to(device), lora_b.to(device), lb_is_rn)
+    c_rows = sort_idx if scatter else torch.arange(num_rows)
+    if row_scale is not None:
+        ref = ref.to(dtype).double() * row_scale.double()[c_rows, None]
+    expected = torch.empty(num_rows, n_out, dtype=torch.float64)
+    expected[c_rows] = ref
+
+    cfg = _config(kernel, opts.get("block_n", 32), opts.get("block_k", 32), opts.get("persistent", 0), **config)
+    out = torch.full((num_rows, n_out), float("nan"), dtype=dtype, device=device)
+    b = b._replace(codes=b.codes.to(device), absmax=b.absmax.to(device)) if opts.get("nf4") else b.to(device)
+    kernel.functional.grouped_gemm_launch(
+        a.to(device), b, out, r, cfg, b_is_kn=b_is_kn, gather=r.sorted_token if gather else None,
+        scatter=r.sort_idx if scatter else None, row_scale=row_scale.to(device) if row_scale is not None else None,
+        lora=lora,
+    )  # fmt: skip
+    return out.cpu(), expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", list(GEMM_CASES))
+def test_routed_gemm(kernel, case, dtype):
+    out, expected = _routed_gemm(kernel, GEMM_CASES[case], dtype)
+    assert not out.isnan().any()
+    assert rel_err(out, expected) < TOL[dtype]
+
+
+SWIGLU_CASES = {
+    "gather+h_out": dict(h_out=True),
+    "no h_out": {},
+    "lora": dict(h_out=True, lora=True),
+    "nf4": dict(nf4=True, h_out=True),
+    "nf4 one scale per column": dict(nf4=True, block_k=64, k_in=128),
+    "nf4 one value at a time+lora": dict(nf4=True, block_n=16, block_k=16, lora=True, h_out=True),
+    "persistent": dict(persistent=1, h_out=True, lora=True),
+    "tiles 64, block_m 32": dict(block_n=64, block_k=64, block_m=32, h_out=True),
+}
+
+
+def _swiglu_gemm(kernel, opts, dtype, device="cpu", **config):
+    """(act, h or None, expected act, expected h) of one SwiGLU GEMM launch with options opts."""
+    g = torch.Generator().manual_seed(2)
+    block_m, hidden, inter = opts.get("block_m", 16), opts.get("k_in", 40), 20
+    r = _routing(kernel, block_m, device)
+    num_rows = r.sort_idx.numel()
+    x = _rand(NUM_TOKENS, hidden, dtype=dtype, g=g)
+    if opts.get("nf4"):
+        b, weight = _nf4(kernel, (NUM_EXPERTS, 2 * inter, hidden), dtype, g, hidden**-0.5)
+    else:
+        b = _rand(NUM_EXPERTS, 2 * inter, hidden, dtype=dtype, g=g, scale=hidden**-0.5)
+        weight = b.double()
+    experts = _row_experts(r).cpu()
+    pre = torch.einsum("rk,rnk->rn", x[r.sorted_token.long().cpu()].double(), weight[experts])
+    lora = None
+    if opts.get("lora"):
+        lora_x = _rand(num_rows, RANK, dtype=dtype, g=g)
+        lora_b = _rand(NUM_EXPERTS, 2 * inter, RANK, dtype=dtype, g=g, scale=0.3)
+        pre = pre + torch.einsum("rq,rnq->rn", lora_x.double(), lora_b.double()[experts])
+        lora = (lora_x.to(device), lora_b.to(device), False)
+    pre = pre.to(dtype).double()  # gate and up are rounded to the output dtype
+    gate, up = pre[:, :inter], pre[:, inter:]
+    expected = (gate * torch.sigmoid(gate)).to(dtype).double() * up
+
+    cfg = _config(kernel, opts.get("block_n", 32), opts.get("block_k", 32), opts.get("persistent", 0), **config)
+    act = torch.full((num_rows, inter), float("nan"), dtype=dtype, device=device)
+    h = torch.full((num_rows, 2 * inter), float("nan"), dtype=dtype, device=device) if opts.get("h_out") else None
+    b = b._replace(codes=b.codes.to(device), absmax=b.absmax.to(device)) if opts.get("nf4") else b.to(device)
+    kernel.functional.swiglu_gemm_launch(x.to(device), b, act, r, cfg, gather=r.sorted_token, h_out=h, lora=lora)
+    return act.cpu(), h.cpu() if h is not None else None, expected, pre
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", list(SWIGLU_CASES))
+def test_swiglu_gemm(kernel, case, dtype):
+    act, h, expected, pre = _swiglu_gemm(kernel, SWIGLU_CASES[case], dtype)
+    assert rel_err(act, expected) < TOL[dtype]
+    if h is not None:
+        assert rel_err(h, pre) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("gathers", ["none", "a", "b"])
+@pytest.mark.parametrize("tiles", [(32, 32, 16), (16, 64, 32)])
+def test_weight_gradient(kernel, dtype, gathers, tiles):
+    g = torch.Generator().manual_seed(3)
+    r = _routing(kernel, 16)
+    num_rows, m, n = r.sort_idx.numel(), 24, 40
+    a = _rand(NUM_TOKENS if gathers == "a" else num_rows, m, dtype=dtype, g=g)
+    b = _rand(NUM_TOKENS if gathers == "b" else num_rows, n, dtype=dtype, g=g)
+    a_rows = a[r.sorted_token.long()] if gathers == "a" else a
+    b_rows = b[r.sorted_token.long()] if gathers == "b" else b
+    experts = _row_experts(r)
+    expected = torch.zeros(NUM_EXPERTS, m, n, dtype=torch.float64)
+    expected.index_add_(0, experts, a_rows.double()[:, :, None] * b_rows.double()[:, None, :])
+    block_m, block_n, block_k = tiles
+    cfg = kernel.tuning.DwConfig(block_m=block_m, block_n=block_n, block_k=block_k, num_warps=4, num_stages=1)
+    out = torch.full((NUM_EXPERTS, m, n), float("nan"), dtype=dtype)
+    kernel.functional.grouped_dw_launch(
+        a, b, out, r, cfg, a_gather=r.sorted_token if gathers == "a" else None,
+        b_gather=r.sorted_token if gathers == "b" else None,
+    )  # fmt: skip
+    assert torch.all(out[2] == 0)  # the expert without rows: an exact zero
+    assert rel_err(out, expected) < TOL[dtype]
+
+
+# On the GPU in bf16 the dense cases with B through a TMA descriptor (K a multiple of the
+# k-tile, so the transposed B takes it too), on a persistent grid, with more stages.
+GPU_CASES = {name: dict(opts, k_in=64) for name, opts in GEMM_CASES.items() if not opts.get("nf4") and "k_in" not in opts}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", list(GPU_CASES))
+def test_routed_gemm_gpu_options_bit_equal(kernel, case):
+    """bf16 on CUDA: against float64 within bf16 rounding, and the same bits with tma_b and a
+    persistent grid as without."""
+    opts = GPU_CASES[case]
+    plain, expected = _routed_gemm(kernel, opts, torch.bfloat16, "cuda")
+    assert rel_err(plain, expected) < 1e-2
+    for options in (dict(tma_b=True), dict(persistent=1), dict(tma_b=True, persistent=2), dict(num_stages=3)):
+        out, _ = _routed_gemm(kernel, opts, torch.bfloat16, "cuda", **options)
+        assert torch.equal(out, plain), options
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", list(SWIGLU_CASES))
+def test_swiglu_gemm_gpu_options_bit_equal(kernel, case):
+    opts = SWIGLU_CASES[case]
+    act, h, expected, _ = _swiglu_gemm(kernel, opts, torch.bfloat16, "cuda")
+    assert rel_err(act, expected) < 1e-2
+    for options in (dict(tma_b=True), dict(persistent=1), dict(tma_b=True, persistent=2)):
+        act2, h2, _, _ = _swiglu_gemm(kernel, opts, torch.bfloat16, "cuda", **options)
+        assert torch.equal(act2, act) and (h is None or torch.equal(h2, h)), options
+
+
+def test_config_json_round_trip(kernel):
+    """Every shipped config entry parses into its config type and writes back to the same JSON."""
+    import json
+    import os
+
+    tuning = kernel.tuning
+    for name in os.listdir(tuning.CONFIG_DIR):
+        with open(os.path.join(tuning.CONFIG_DIR, name)) as f:
+            entries = json.load(f)
+        parsed = tuning.parse_configs(entries)
+        assert {k: v.to_json() for k, v in parsed.items()} == entries, name
+    cfg = tuning.GemmConfig.from_json(dict(BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3, TMA_B=True))
+    assert cfg.tma_b and cfg.persistent == 0 and replace(cfg, persistent=1).to_json()["PERSISTENT"] == 1
+    with pytest.raises(ValueError, match="BLOCK_Q"):
+        tuning.GemmConfig.from_json(dict(BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3, BLOCK_Q=1))
