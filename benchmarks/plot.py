@@ -1,6 +1,11 @@
-"""Plot TFLOP/s against tokens from side_by_side.py --json output (needs matplotlib).
+"""Plot benchmark JSON (needs matplotlib).
 
-    python benchmarks/plot.py side_by_side.json benchmarks/tflops_h100.png
+    python benchmarks/plot.py block.json benchmarks/block_h200.png        # block_side_by_side.py --json
+    python benchmarks/plot.py side_by_side.json benchmarks/tflops_h100.png  # side_by_side.py --json
+
+block_side_by_side.py output: ms of forward and forward+backward per case, one bar per
+implementation (ours, grouped_mm, sonicmoe), lower is better. side_by_side.py output:
+TFLOP/s against tokens for the 30B-A3B block.
 """
 
 import json
@@ -11,9 +16,32 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+LABELS = {"ours": "qwen3-moe-fused", "grouped_mm": "Transformers grouped_mm", "sonicmoe": "SonicMoE (sonicmoe)"}
 
-def main(src: str, dst: str) -> None:
-    data = json.load(open(src))
+
+def plot_block(data: dict, dst: str) -> None:
+    meta, rows = data["meta"], [r for r in data["rows"] if "error" not in r]
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    impls = [i for i in ("ours", "grouped_mm", "sonicmoe") if any(r["impl"] == i for r in rows)]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    width = 0.8 / len(impls)
+    for ax, phase in zip(axes, ("fwd_ms", "fwd_bwd_ms")):
+        for j, impl in enumerate(impls):
+            values = [next((r[phase] for r in rows if r["case"] == c and r["impl"] == impl), 0) for c in cases]
+            bars = ax.bar([i + j * width for i in range(len(cases))], values, width, label=LABELS.get(impl, impl))
+            ax.bar_label(bars, fmt="%.2f", fontsize=7)
+        ax.set_xticks([i + width * (len(impls) - 1) / 2 for i in range(len(cases))], cases, fontsize=8)
+        ax.set_ylabel("ms (lower is better)")
+        ax.set_title("forward" if phase == "fwd_ms" else "forward + backward")
+        ax.grid(alpha=0.3, axis="y")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Qwen3 MoE block (router included), bf16, {meta['device']}, {meta['date']}"
+                 f"{' — LoRA r=16' if rows and rows[0].get('lora') else ''}")  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(dst, dpi=120)
+
+
+def plot_tokens(data: dict, dst: str) -> None:
     meta = data["metadata"]
     rows = [r for r in data["results"] if r["model"] == "Qwen3-30B-A3B" and r.get("fwd_ms") and not r.get("error")]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
@@ -21,8 +49,7 @@ def main(src: str, dst: str) -> None:
         for impl in ("ours", "grouped_mm"):
             pts = sorted((r["tokens"], r[f"{phase}_tflops"]) for r in rows if r["impl"] == impl)
             if pts:
-                label = "qwen3-moe-fused" if impl == "ours" else "Transformers grouped_mm"
-                ax.plot(*zip(*pts), marker="o", label=label)
+                ax.plot(*zip(*pts), marker="o", label=LABELS[impl])
         if data.get("dense_matmul"):
             ax.axhline(data["dense_matmul"]["tflops"], color="gray", ls="--", label="dense bf16 GEMM")
         ax.set_xscale("log", base=2)
@@ -34,6 +61,11 @@ def main(src: str, dst: str) -> None:
     fig.suptitle(f"Qwen3-30B-A3B MoE block (H 2048, I 768, E 128, K 8), bf16, {meta.get('gpu', '')}")
     fig.tight_layout()
     fig.savefig(dst, dpi=120)
+
+
+def main(src: str, dst: str) -> None:
+    data = json.load(open(src))
+    (plot_block if "rows" in data else plot_tokens)(data, dst)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,37 @@
+"""Print the README's benchmark table from block_side_by_side.py --json output.
+
+    python3 scripts/readme_table.py block.json [lora.json]
+"""
+
+import json
+import sys
+
+NAMES = {"30b-t16384": "Qwen3-30B-A3B, 16384 tokens", "30b-t2048": "Qwen3-30B-A3B, 2048 tokens",
+         "30b-t64": "Qwen3-30B-A3B, 64 tokens", "235b-t8192": "Qwen3-235B-A22B, 8192 tokens"}  # fmt: skip
+IMPLS = ("ours", "grouped_mm", "sonicmoe")
+
+
+def rows_of(path):
+    return [r for r in json.load(open(path))["rows"]]
+
+
+def cell(rows, case, impl, lora):
+    r = next((r for r in rows if r["case"] == case and r["impl"] == impl and r["lora"] == lora), None)
+    if r is None or "error" in r:
+        return "—"
+    return f"{r['fwd_ms']:.2f} / {r['fwd_bwd_ms']:.2f}"
+
+
+def main(paths):
+    rows = [r for p in paths for r in rows_of(p)]
+    print("| case | qwen3-moe-fused | Transformers `grouped_mm` | `sonicmoe` (SonicMoE) |")
+    print("|---|---|---|---|")
+    for lora in (False, True):
+        for case, name in NAMES.items():
+            if any(r["case"] == case and r["lora"] == lora for r in rows):
+                label = f"{name}{', LoRA r=16 (PEFT for the others)' if lora else ''}"
+                print(f"| {label} | " + " | ".join(cell(rows, case, i, lora) for i in IMPLS) + " |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
