@@ -5,15 +5,17 @@ SonicMoE kernel loads: `import peers; peers.install()` from the anchor site, see
 
 Full fine-tuning: hidden states and every weight (router, gate_up, down) require grad;
 forward+backward = torch.autograd.grad of the output with a random contiguous output
-gradient w.r.t. all of them. LoRA cases (`--lora`): PEFT `target_parameters` LoRA r=16 on
+gradient w.r.t. all of them. LoRA cases (`--modes lora`): PEFT `target_parameters` LoRA r=16 on
 both expert tensors, base frozen, gradients of the hidden states and the LoRA factors; PEFT
 forms W + s*B@A in front of grouped_mm / sonicmoe, our layer reads the adapter itself.
+QLoRA (`--modes qlora`): the same on experts quantized by quantize_experts_4bit (ours only;
+its reference is then ours, the first implementation that ran).
 Median ms of triton.testing.do_bench after a warm-up call (SonicMoE autotunes on its first
 call per shape: not timed). Each implementation's output and gradients are compared with
 grouped_mm's (relative Frobenius error).
 
     python benchmarks/block_side_by_side.py [--cases 30b-t16384,...] [--impls ours,grouped_mm,sonicmoe]
-        [--lora] [--repeats N] [--json out.json]
+        [--modes full,lora] [--repeats N] [--json out.json]
 """
 
 from __future__ import annotations
@@ -67,10 +69,13 @@ def peak_mib(fn):
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def run_case(name, kernel, impls, lora, repeats, device, dtype):
+def run_case(name, kernel, impls, mode, repeats, device, dtype):
     hidden, inter, experts, top_k, tokens = CASES[name]
     block = make_block(hidden, inter, experts, top_k, device, dtype)
-    module = block
+    module, lora = block, mode != "full"
+    if mode == "qlora":  # 4-bit experts: only our layer reads them
+        kernel.quantize_experts_4bit(block)
+        impls = [i for i in impls if i.startswith("ours")]
     if lora:
         from peft import LoraConfig, get_peft_model
         from torch import nn
@@ -111,7 +116,7 @@ def run_case(name, kernel, impls, lora, repeats, device, dtype):
             first_s = time.time() - start
             fwd = [triton.testing.do_bench(forward, warmup=25, rep=100, return_mode="median") for _ in range(repeats)]
             both = [triton.testing.do_bench(grads_of, warmup=25, rep=100, return_mode="median") for _ in range(repeats)]
-            row = dict(case=name, lora=lora, impl=impl, tokens=tokens, fwd_ms=min(fwd), fwd_bwd_ms=min(both),
+            row = dict(case=name, lora=lora, mode=mode, impl=impl, tokens=tokens, fwd_ms=min(fwd), fwd_bwd_ms=min(both),
                        fwd_ms_all=fwd, fwd_bwd_ms_all=both, peak_mib=peak_mib(grads_of), first_call_s=first_s)  # fmt: skip
             if ref is None:
                 ref = (out, grads)
@@ -120,7 +125,7 @@ def run_case(name, kernel, impls, lora, repeats, device, dtype):
             flops = 2 * tokens * top_k * 3 * hidden * inter
             row["fwd_tflops"], row["fwd_bwd_tflops"] = flops / row["fwd_ms"] / 1e9, 3 * flops / row["fwd_bwd_ms"] / 1e9
         except Exception as e:  # one implementation failing must not lose the others' numbers
-            row = dict(case=name, lora=lora, impl=impl, tokens=tokens, error=f"{type(e).__name__}: {str(e)[:300]}")
+            row = dict(case=name, lora=lora, mode=mode, impl=impl, tokens=tokens, error=f"{type(e).__name__}: {str(e)[:300]}")
         rows.append(row)
         print(json.dumps(row), flush=True)
     config._experts_implementation = "grouped_mm"
@@ -133,7 +138,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--impls", default="grouped_mm,ours,sonicmoe")
-    parser.add_argument("--lora", action="store_true", help="PEFT LoRA r=16 on both expert tensors, base frozen")
+    parser.add_argument("--modes", default="full", help="full (every weight trainable), lora (PEFT LoRA r=16 on "
+                        "both expert tensors, base frozen), qlora (the same on 4-bit experts: ours only), "
+                        "comma-separated, in one process")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=1, help="do_bench runs per number (the minimum is kept)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -159,17 +166,20 @@ def main():
                 date=time.strftime("%Y-%m-%d"), command=" ".join(sys.argv))  # fmt: skip
     print(json.dumps(meta), flush=True)
     rows = []
-    for name in args.cases.split(","):
-        rows += run_case(name, kernel, impls, args.lora, args.repeats, device, dtype)
-    print(f"\n{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, dense bf16 {meta['dense_bf16_tflops']:.0f} TFLOP/s"
-          f"{', LoRA r=16' if args.lora else ''}: fwd / fwd+bwd ms (rel err vs {impls[0]})")  # fmt: skip
+    modes = args.modes.split(",")
+    for mode in modes:
+        for name in args.cases.split(","):
+            rows += run_case(name, kernel, impls, mode, args.repeats, device, dtype)
+    print(f"\n{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, dense bf16 {meta['dense_bf16_tflops']:.0f} "
+          f"TFLOP/s: fwd / fwd+bwd ms (max rel err of the gradients vs {impls[0]})")  # fmt: skip
     print("| case | " + " | ".join(impls) + " |\n|---|" + "---|" * len(impls))
-    for name in args.cases.split(","):
-        cells = []
-        for impl in impls:
-            r = next(r for r in rows if r["case"] == name and r["impl"] == impl)
-            cells.append("error" if "error" in r else f"{r['fwd_ms']:.2f} / {r['fwd_bwd_ms']:.2f} ({r['rel_err_grads']:.0e})")
-        print(f"| {name} | " + " | ".join(cells) + " |")
+    for mode in modes:
+        for name in args.cases.split(","):
+            cells = []
+            for impl in impls:
+                r = next((r for r in rows if r["case"] == name and r["impl"] == impl and r["mode"] == mode), None)
+                cells.append("—" if r is None or "error" in r else f"{r['fwd_ms']:.2f} / {r['fwd_bwd_ms']:.2f} ({r['rel_err_grads']:.0e})")
+            print(f"| {name} {mode} | " + " | ".join(cells) + " |")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
 

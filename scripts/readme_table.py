@@ -15,8 +15,8 @@ def rows_of(path):
     return [r for r in json.load(open(path))["rows"]]
 
 
-def cell(rows, case, impl, lora):
-    r = next((r for r in rows if r["case"] == case and r["impl"] == impl and r["lora"] == lora), None)
+def cell(rows, case, impl, mode):
+    r = next((r for r in rows if r["case"] == case and r["impl"] == impl and r.get("mode", "full") == mode), None)
     if r is None or "error" in r:
         return "—"
     return f"{r['fwd_ms']:.2f} / {r['fwd_bwd_ms']:.2f}"
@@ -26,11 +26,11 @@ def main(paths):
     rows = [r for p in paths for r in rows_of(p)]
     print("| case | qwen3-moe-fused | Transformers `grouped_mm` | `sonicmoe` (SonicMoE) |")
     print("|---|---|---|---|")
-    for lora in (False, True):
+    suffix = {"full": "", "lora": ", LoRA r=16 (PEFT's for the others)", "qlora": ", QLoRA r=16 (4-bit experts)"}
+    for mode in suffix:
         for case, name in NAMES.items():
-            if any(r["case"] == case and r["lora"] == lora for r in rows):
-                label = f"{name}{', LoRA r=16 (PEFT for the others)' if lora else ''}"
-                print(f"| {label} | " + " | ".join(cell(rows, case, i, lora) for i in IMPLS) + " |")
+            if any(r["case"] == case and r.get("mode", "full") == mode for r in rows):
+                print(f"| {name}{suffix[mode]} | " + " | ".join(cell(rows, case, i, mode) for i in IMPLS) + " |")
 
 
 if __name__ == "__main__":
