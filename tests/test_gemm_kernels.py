@@ -321,6 +321,19 @@ def test_swiglu_gemm_gpu_options_bit_equal(kernel, case):
         assert torch.equal(act2, act) and (h is None or torch.equal(h2, h)), options
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [c for c, opts in DSWIGLU_CASES.items() if not opts.get("nf4")])
+def test_dswiglu_gemm_gpu_options_bit_equal(kernel, case):
+    """bf16 on CUDA: the fused SwiGLU backward against float64 and the unfused path, and the same
+    bits with tma_b, a persistent grid and more stages as without."""
+    fused, unfused, expected = _dswiglu_gemm(kernel, DSWIGLU_CASES[case], torch.bfloat16, "cuda")
+    for a, b, ref in zip(fused, unfused, expected):
+        assert rel_err(a, ref) < 1e-2 and rel_err(a, b) < 1e-2
+    for options in (dict(tma_b=True), dict(persistent=1), dict(tma_b=True, persistent=2), dict(num_stages=3)):
+        again, _, _ = _dswiglu_gemm(kernel, DSWIGLU_CASES[case], torch.bfloat16, "cuda", **options)
+        assert all(torch.equal(a, b) for a, b in zip(again, fused)), options
+
+
 def test_config_json_round_trip(kernel):
     """Every shipped config entry parses into its config type and writes back to the same JSON."""
     import json
