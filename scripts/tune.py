@@ -1,7 +1,7 @@
 """Tune the grouped GEMM tile configs on this GPU and write configs/<device>.json.
 
 Run on a CUDA machine after `python3 scripts/build.py` (it imports build/torch-cuda):
-    python3 scripts/tune.py [--quick] [--shapes NAME ... | --family] [--tokens 1024 ...] [--only routed|dw]
+    python3 scripts/tune.py [--quick] [--shapes NAME ... | --family] [--tokens 1024 ...] [--only routed|dw|dswiglu]
 Each GEMM kind of the MoE block is timed (triton.testing.do_bench, median) over a small
 candidate list for the Qwen3-30B-A3B and Qwen3-235B-A22B shapes (--shapes: any of SHAPES;
 --family: all of them, Qwen3-Coder / Next / 3.5 too), at a training and a decode token
@@ -23,7 +23,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "build", "torch-cuda"))
 import qwen3_moe_fused as qmf  # noqa: E402
 from qwen3_moe_fused import tuning  # noqa: E402
-from qwen3_moe_fused.grouped_gemm import grouped_dw_launch, grouped_gemm_launch, swiglu_gemm_launch  # noqa: E402
+from qwen3_moe_fused.grouped_gemm import (  # noqa: E402
+    dswiglu_gemm_launch, grouped_dw_launch, grouped_gemm_launch, swiglu_gemm_launch,
+)  # fmt: skip
 from qwen3_moe_fused.tuning import DwConfig, GemmConfig  # noqa: E402
 
 # (H, I, E, K, training token count), as benchmarks/benchmark_moe.py's named shapes. The
@@ -64,6 +66,11 @@ def lora_candidates():
         yield GemmConfig(block_n=block_n, block_k=block_k, group_m=8, num_warps=warps, num_stages=stages)
 
 
+# dW tiles that were best on the H100 / H200: also tried on a persistent grid (1 and 2 programs per SM).
+DW_PERSISTENT_TILES = [(128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (128, 128, 32, 4, 4), (128, 128, 64, 8, 4),
+                       (128, 128, 32, 8, 3)]  # fmt: skip
+
+
 def dw_candidates():
     for bm, bn, bk, warps, stages in [(128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4),
                                       (64, 128, 64, 4, 4), (128, 256, 32, 8, 3), (128, 128, 32, 4, 4), (64, 64, 64, 4, 4),
@@ -72,6 +79,10 @@ def dw_candidates():
         smem = stages * (bm + bn) * bk * 2
         if smem <= 220 * 1024:
             yield DwConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
+    for bm, bn, bk, warps, stages in DW_PERSISTENT_TILES:
+        for persistent in (1, 2):
+            yield DwConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages,
+                           persistent=persistent)  # fmt: skip
 
 
 def best(name, launch, candidates, log):
@@ -102,11 +113,17 @@ def tune_shape(hidden, inter, num_experts, top_k, num_tokens, configs, log, save
     block_m = tuning.block_m_for(num_rows, num_experts)
     r = qmf.route(ids, num_experts, block_m, True)
     act = torch.empty(num_rows, inter, device=dev, dtype=torch.bfloat16)
-    h = torch.empty(num_rows, 2 * inter, device=dev, dtype=torch.bfloat16)
+    h = torch.randn(num_rows, 2 * inter, device=dev, dtype=torch.bfloat16)
     rows = torch.empty(num_rows, hidden, device=dev, dtype=torch.bfloat16)
     dh = torch.randn(num_rows, 2 * inter, device=dev, dtype=torch.bfloat16)
     grad_out = torch.randn_like(x)
     flat_w = weights.reshape(-1)
+    dh_out, dweights = torch.empty_like(dh), torch.empty_like(flat_w)
+
+    def dswiglu(c, lora=None):  # the down_dx GEMM with the SwiGLU backward in its epilogue
+        dswiglu_gemm_launch(grad_out, down, h, flat_w, r, c, dh=dh_out, w_act=act, dweights=dweights,
+                            gather=r.sorted_token, lora=lora)  # fmt: skip
+
     routed = {
         "gate_up": (inter, hidden, True, lambda c: swiglu_gemm_launch(
             x, gate_up, act, r, c, gather=r.sorted_token, h_out=h)),
@@ -116,29 +133,34 @@ def tune_shape(hidden, inter, num_experts, top_k, num_tokens, configs, log, save
             grad_out, down, act, r, c, b_is_kn=True, gather=r.sorted_token)),
         "gate_up_dx": (hidden, 2 * inter, False, lambda c: grouped_gemm_launch(
             dh, gate_up, rows, r, c, b_is_kn=True, scatter=r.sort_idx)),
+        "down_dx_swiglu": (inter, hidden, False, dswiglu),
     }  # fmt: skip
     if only == "dw":
         routed = {}
+    if only == "dswiglu":
+        routed = {"down_dx_swiglu": routed["down_dx_swiglu"]}
     for kind, (n, k, swiglu, launch) in routed.items():
         key = tuning.gemm_key(kind, n, k, block_m)
         configs[key] = best(f"{key} T={num_tokens}", launch, gemm_candidates(block_m, swiglu), log)
         save()
-    if block_m > 32 and only != "dw":  # training: the same GEMMs with the LoRA term (rank LORA_RANK) in the epilogue
+    if block_m > 32 and only not in ("dw", "dswiglu"):  # training: the GEMMs with the LoRA term (rank LORA_RANK)
         lora_rows = torch.randn(num_rows, LORA_RANK, device=dev, dtype=torch.bfloat16)
         lora_b = {n: torch.randn(num_experts, n, LORA_RANK, device=dev, dtype=torch.bfloat16) * 0.1
                   for n in (2 * inter, hidden)}  # fmt: skip
+        lora_a_down = torch.randn(num_experts, LORA_RANK, inter, device=dev, dtype=torch.bfloat16) * 0.1  # (E, R, I)
         with_lora = {
             "gate_up": (inter, hidden, True, lambda c: swiglu_gemm_launch(
                 x, gate_up, act, r, c, gather=r.sorted_token, h_out=h,
                 lora=(lora_rows, lora_b[2 * inter], False))),
             "down": (hidden, inter, False, lambda c: grouped_gemm_launch(
                 act, down, rows, r, c, scatter=r.sort_idx, row_scale=flat_w, lora=(lora_rows, lora_b[hidden], False))),
+            "down_dx_swiglu": (inter, hidden, False, lambda c: dswiglu(c, lora=(lora_rows, lora_a_down, True))),
         }  # fmt: skip
         for kind, (n, k, swiglu, launch) in with_lora.items():
             key = tuning.gemm_key(f"{kind}+lora", n, k, block_m)
             configs[key] = best(f"{key} T={num_tokens}", launch, gemm_candidates(block_m, swiglu), log)
             save()
-    if only == "routed":
+    if only in ("routed", "dswiglu"):
         return
     # Thin LoRA projections (rank LORA_RANK) of the token rows and of the activations.
     for k, a_in, gather in ((hidden, x, r.sorted_token), (inter, act, None)) if only != "dw" else ():
@@ -168,8 +190,9 @@ def main():
     parser.add_argument("--quick", action="store_true", help="only the 30B-A3B shape")
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), help=f"shapes to tune (default {DEFAULT_SHAPES})")
     parser.add_argument("--family", action="store_true", help="every shape of SHAPES")
-    parser.add_argument("--only", choices=["routed", "dw"], help="only the routed GEMMs (with and without the LoRA "
-                        "term) or only the weight-gradient GEMMs, at the training token count")  # fmt: skip
+    parser.add_argument("--only", choices=["routed", "dw", "dswiglu"], help="only the routed GEMMs (with and without "
+                        "the LoRA term), only the weight-gradient GEMMs, or only the down_dx GEMM with the fused SwiGLU "
+                        "backward (down_dx_swiglu), at the training token count")  # fmt: skip
     parser.add_argument("--tokens", type=int, nargs="+", help="token counts to tune at (default: the training "
                         "count, 16384 for 30B-A3B and 8192 for 235B-A22B, and 16 for decode)")  # fmt: skip
     parser.add_argument("--log", default=os.path.join(os.environ.get("OUT", "/tmp"), "tune.log"))

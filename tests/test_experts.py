@@ -165,3 +165,65 @@ def test_unchecked_out_of_range_ids_contribute_zero(kernel):
     keep = (ids >= 0) & (ids < 4)
     expected = moe_experts_reference(x, gate_up, down, ids.clamp(0, 3), weights * keep)
     assert rel_err(out, expected) < TOL[torch.float32]
+
+
+class _Experts4bit(torch.nn.Module):
+    def __init__(self, gate_up, down):
+        super().__init__()
+        self.gate_up_proj = torch.nn.Parameter(gate_up.clone(), requires_grad=False)
+        self.down_proj = torch.nn.Parameter(down.clone(), requires_grad=False)
+
+
+BACKWARD_OPTION_CASES = {
+    # name: (T, H, I, E, K, routing mode), dtype, LoRA rank or None, 4-bit
+    "dense": ((37, 48, 40, 8, 3, "random"), torch.float32, None, False),
+    "dense fp16, experts without tokens": ((50, 32, 24, 8, 2, "skip"), torch.float16, None, False),
+    "dense T=1": ((1, 64, 32, 4, 2, "random"), torch.float32, None, False),
+    "lora, one-hot expert": ((33, 40, 16, 6, 2, "one"), torch.float32, 4, False),
+    "4-bit+lora, odd H and I": ((29, 35, 21, 3, 2, "random"), torch.float32, 4, True),
+    "4-bit+lora, experts without tokens": ((50, 32, 24, 8, 2, "skip"), torch.float32, 4, True),
+}
+
+
+@pytest.mark.parametrize("case", list(BACKWARD_OPTION_CASES))
+def test_backward_options_match(kernel, monkeypatch, case):
+    """The backward's options against the default path, every gradient: the SwiGLU backward
+    fused into the down_dx GEMM (tuning.FUSE_DSWIGLU; the routing-weight gradient is summed
+    in another order: within float32 rounding), and the dW GEMMs on a persistent grid (the same
+    bits)."""
+    shape, dtype, rank, four_bit = BACKWARD_OPTION_CASES[case]
+    x, gate_up, down, ids, weights = _inputs(*shape, dtype=dtype)
+    ids[::4, -1] = shape[3]  # a few sentinel ids: no expert, zero contribution and gradient
+    g = torch.Generator().manual_seed(5)
+    num_experts, hidden, inter = shape[3], shape[1], shape[2]
+    lora = []
+    if rank:
+        for out_f, in_f in ((2 * inter, hidden), (hidden, inter)):
+            lora += [(torch.randn(num_experts, rank, in_f, generator=g) * in_f**-0.5).to(dtype),
+                     (torch.randn(num_experts, out_f, rank, generator=g) * 0.3).to(dtype)]  # fmt: skip
+    if four_bit:
+        experts = kernel.quantize_experts_4bit(_Experts4bit(gate_up, down), blocksize=64)
+        gate_up, down = experts.gate_up_proj, experts.down_proj
+    trainable = [x, weights, *lora] + ([] if rank or four_bit else [gate_up, down])
+    grad_out = torch.randn(x.shape, generator=g).to(dtype)
+
+    def run():
+        leaves = [t.clone().requires_grad_() for t in trainable]
+        base = (gate_up, down) if rank or four_bit else leaves[-2:]
+        out = kernel.moe_experts_forward(
+            leaves[0], *base, ids, leaves[1], check_ids=False, gate_up_lora=tuple(leaves[2:4]) if rank else None,
+            down_lora=tuple(leaves[4:6]) if rank else None,
+        )  # fmt: skip
+        return [out, *torch.autograd.grad(out, leaves, grad_out)]
+
+    plain = run()
+    monkeypatch.setattr(kernel.tuning, "FUSE_DSWIGLU", True)
+    fused = run()
+    assert torch.equal(fused[0], plain[0])  # the forward is untouched
+    for i, (a, b) in enumerate(zip(fused[1:], plain[1:])):
+        assert rel_err(a, b) < (1e-6 if dtype == torch.float32 else 1e-3), i
+    monkeypatch.setattr(kernel.tuning, "FUSE_DSWIGLU", False)
+    lookup = kernel.tuning.dw_config
+    monkeypatch.setattr(kernel.functional, "dw_config", lambda *a, **kw: replace(lookup(*a, **kw), persistent=1))
+    for a, b in zip(run(), plain):
+        assert torch.equal(a, b)

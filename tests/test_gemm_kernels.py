@@ -201,6 +201,95 @@ def test_weight_gradient(kernel, dtype, gathers, tiles):
     )  # fmt: skip
     assert torch.all(out[2] == 0)  # the expert without rows: an exact zero
     assert rel_err(out, expected) < TOL[dtype]
+    for persistent in (1, 2):  # a persistent grid walking the tiles: the same bits
+        walked = torch.full_like(out, float("nan"))
+        kernel.functional.grouped_dw_launch(
+            a, b, walked, r, replace(cfg, persistent=persistent), a_gather=r.sorted_token if gathers == "a" else None,
+            b_gather=r.sorted_token if gathers == "b" else None,
+        )  # fmt: skip
+        assert torch.equal(walked, out), persistent
+
+
+DSWIGLU_CASES = {
+    "dense": {},
+    "lora": dict(lora=True),
+    "nf4 n-pairs": dict(nf4=True),
+    "nf4 one value at a time+lora": dict(nf4=True, block_n=16, block_k=16, lora=True),
+    "nf4 odd rows": dict(nf4=True, inter=21),
+    "persistent+lora": dict(persistent=2, lora=True),
+    "sentinel ids": dict(sentinel=True),
+    "tiles 64 (one column tile), block_m 32": dict(block_n=64, block_k=64, block_m=32),
+}
+
+
+def _dswiglu_gemm(kernel, opts, dtype, device="cpu", **config):
+    """The fused down_dx + SwiGLU backward GEMM and the unfused path (down_dx GEMM, then
+    activation.py's kernel) on the same inputs: ((dh, w_act, dweights) fused, unfused, float64)."""
+    g = torch.Generator().manual_seed(4)
+    block_m, hidden, inter = opts.get("block_m", 16), 40, opts.get("inter", 40)
+    ids = torch.tensor([0, 1, 3])[torch.randint(0, 3, (NUM_TOKENS, TOP_K), generator=g)]  # expert 2: no rows
+    if opts.get("sentinel"):
+        ids[::3, 1] = NUM_EXPERTS  # no expert: its rows sort past the last expert's, d_w = 0
+    r = kernel.route(ids.to(device), NUM_EXPERTS, block_m, True)
+    num_rows = r.sort_idx.numel()
+    grad_out = _rand(NUM_TOKENS, hidden, dtype=dtype, g=g)
+    if opts.get("nf4"):
+        b, down = _nf4(kernel, (NUM_EXPERTS, hidden, inter), dtype, g, hidden**-0.5)
+    else:
+        b = _rand(NUM_EXPERTS, hidden, inter, dtype=dtype, g=g, scale=hidden**-0.5)
+        down = b.double()
+    h = _rand(num_rows, 2 * inter, dtype=dtype, g=g)
+    weights = torch.rand(num_rows, generator=g)
+    experts = _row_experts(r).cpu().clamp(max=NUM_EXPERTS - 1)
+    valid = (torch.arange(num_rows) < int(r.expert_offsets[-1])).double()[:, None]
+    sorted_token, sort_idx = r.sorted_token.long().cpu(), r.sort_idx.long().cpu()
+    ref_g = torch.einsum("rh,rhi->ri", grad_out[sorted_token].double(), down[experts])
+    lora = None
+    if opts.get("lora"):
+        lora_x = _rand(num_rows, RANK, dtype=dtype, g=g)
+        lora_b = _rand(NUM_EXPERTS, RANK, inter, dtype=dtype, g=g, scale=0.3)  # (E, R, N), as the backward passes it
+        ref_g = ref_g + torch.einsum("rq,rqi->ri", lora_x.double(), lora_b.double()[experts])
+        lora = (lora_x.to(device), lora_b.to(device), True)
+    ref_g = ref_g.to(dtype).double() * valid  # g is rounded to the activations' dtype
+    gate, up = h.double()[:, :inter], h.double()[:, inter:]
+    act, w = torch.nn.functional.silu(gate) * up, weights.double()[sort_idx, None]
+    sig = torch.sigmoid(gate)
+    d_gate = ref_g * w * up * (sig + gate * sig * (1 - sig))
+    expected = (torch.cat([d_gate, ref_g * w * gate * sig], 1) * valid, act * w * valid, torch.zeros(num_rows).double())
+    expected[2][sort_idx] = (ref_g * act).sum(1)
+
+    cfg = _config(kernel, opts.get("block_n", 32), opts.get("block_k", 32), opts.get("persistent", 0), **config)
+    b = b._replace(codes=b.codes.to(device), absmax=b.absmax.to(device)) if opts.get("nf4") else b.to(device)
+    grad_out, h, weights = grad_out.to(device), h.to(device), weights.to(device)
+    runs = []
+    for fused in (True, False):
+        dh = torch.zeros(num_rows, 2 * inter, dtype=dtype, device=device)  # rows of no expert stay 0
+        w_act = torch.zeros(num_rows, inter, dtype=dtype, device=device)
+        dweights = torch.full((num_rows,), float("nan"), device=device)
+        if fused:
+            kernel.functional.dswiglu_gemm_launch(grad_out, b, h, weights, r, cfg, dh=dh, w_act=w_act,
+                                                  dweights=dweights, gather=r.sorted_token, lora=lora)  # fmt: skip
+        else:
+            g_rows = torch.empty(num_rows, inter, dtype=dtype, device=device)
+            kernel.functional.grouped_gemm_launch(grad_out, b, g_rows, r, cfg, b_is_kn=True, gather=r.sorted_token,
+                                                  lora=lora)  # fmt: skip
+            kernel.functional.swiglu_backward_launch(g_rows, h, weights, r, dh, w_act, dweights, 16)
+        runs.append([t.cpu() for t in (dh, w_act, dweights)])
+    return runs[0], runs[1], expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", list(DSWIGLU_CASES))
+def test_dswiglu_gemm(kernel, case, dtype):
+    """The SwiGLU backward in the down_dx GEMM's epilogue: against float64 on the same rounded g,
+    and against the unfused path (dh and w_act within one rounding, d_w within float32 sums)."""
+    fused, unfused, expected = _dswiglu_gemm(kernel, DSWIGLU_CASES[case], dtype)
+    for name, a, b, ref in zip(("dh", "w_act", "dweights"), fused, unfused, expected):
+        assert not a.isnan().any(), name
+        assert rel_err(a, ref) < TOL[dtype], name
+        assert rel_err(a, b) < (1e-6 if dtype == torch.float32 else 1e-3), name
+    if DSWIGLU_CASES[case].get("sentinel"):
+        assert (expected[2] == 0).any() and torch.equal(fused[2] == 0, expected[2] == 0)
 
 
 # On the GPU in bf16 the dense cases with B through a TMA descriptor (K a multiple of the
@@ -232,6 +321,19 @@ def test_swiglu_gemm_gpu_options_bit_equal(kernel, case):
         assert torch.equal(act2, act) and (h is None or torch.equal(h2, h)), options
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [c for c, opts in DSWIGLU_CASES.items() if not opts.get("nf4")])
+def test_dswiglu_gemm_gpu_options_bit_equal(kernel, case):
+    """bf16 on CUDA: the fused SwiGLU backward against float64 and the unfused path, and the same
+    bits with tma_b, a persistent grid and more stages as without."""
+    fused, unfused, expected = _dswiglu_gemm(kernel, DSWIGLU_CASES[case], torch.bfloat16, "cuda")
+    for a, b, ref in zip(fused, unfused, expected):
+        assert rel_err(a, ref) < 1e-2 and rel_err(a, b) < 1e-2
+    for options in (dict(tma_b=True), dict(persistent=1), dict(tma_b=True, persistent=2), dict(num_stages=3)):
+        again, _, _ = _dswiglu_gemm(kernel, DSWIGLU_CASES[case], torch.bfloat16, "cuda", **options)
+        assert all(torch.equal(a, b) for a, b in zip(again, fused)), options
+
+
 def test_config_json_round_trip(kernel):
     """Every shipped config entry parses into its config type and writes back to the same JSON."""
     import json
@@ -245,5 +347,8 @@ def test_config_json_round_trip(kernel):
         assert {k: v.to_json() for k, v in parsed.items()} == entries, name
     cfg = tuning.GemmConfig.from_json(dict(BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3, TMA_B=True))
     assert cfg.tma_b and cfg.persistent == 0 and replace(cfg, persistent=1).to_json()["PERSISTENT"] == 1
+    dw = tuning.DwConfig.from_json(dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3))
+    assert dw.persistent == 0 and "PERSISTENT" not in dw.to_json()
+    assert tuning.DwConfig.from_json(dict(replace(dw, persistent=2).to_json())).persistent == 2
     with pytest.raises(ValueError, match="BLOCK_Q"):
         tuning.GemmConfig.from_json(dict(BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3, BLOCK_Q=1))

@@ -15,11 +15,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from . import tuning
 from ._ops import add_op_namespace_prefix
 from .activation import swiglu_backward_launch
 from .checks import check_expert_ids, check_experts_inputs, check_grouped_gemm_inputs, check_lora, weight_like
 from .combine import combine_launch
-from .grouped_gemm import grouped_dw_launch, grouped_gemm_launch, swiglu_gemm_launch
+from .grouped_gemm import dswiglu_gemm_launch, grouped_dw_launch, grouped_gemm_launch, swiglu_gemm_launch
 from .quant import Nf4Weight, dequantize_nf4, nf4_views, nf4_weight
 from .routing import Routing, max_tiles, route, route_from_counts
 from .tuning import INTERPRET, block_m_for, dequantize_first, dw_config, gemm_config, rows_block
@@ -206,14 +207,19 @@ def _down_projection_bwd(grad_out, h, down, down_a, down_b, top_k_weights, r: Ro
     if down_a is not None:
         down_l = _lora_project(grad_out, down_b, r, gather=r.sorted_token, transposed=True)
         lora = (down_l, down_a, True)
-    g = grad_out.new_empty(num_rows, inter)
-    cfg = gemm_config(_kind("down_dx", down), inter, hidden, block_m, grad_out.device, lora is not None)
-    grouped_gemm_launch(grad_out, down, g, r, cfg, b_is_kn=True, gather=r.sorted_token, lora=lora)
     dh = grad_out.new_empty(num_rows, 2 * inter)
     w_act = grad_out.new_empty(num_rows, inter)
     dweights = torch.empty(num_rows, dtype=top_k_weights.dtype, device=grad_out.device)
-    swiglu_backward_launch(g, h, top_k_weights.reshape(-1), r, dh, w_act, dweights, rows_block())
-    del g  # free row buffers as soon as they are consumed: lower peak memory
+    if tuning.FUSE_DSWIGLU:  # the SwiGLU backward in the GEMM's epilogue: g never reaches memory
+        cfg = gemm_config(_kind("down_dx_swiglu", down), inter, hidden, block_m, grad_out.device, lora is not None)
+        dswiglu_gemm_launch(grad_out, down, h, top_k_weights.reshape(-1), r, cfg, dh=dh, w_act=w_act,
+                            dweights=dweights, gather=r.sorted_token, lora=lora)  # fmt: skip
+    else:
+        g = grad_out.new_empty(num_rows, inter)
+        cfg = gemm_config(_kind("down_dx", down), inter, hidden, block_m, grad_out.device, lora is not None)
+        grouped_gemm_launch(grad_out, down, g, r, cfg, b_is_kn=True, gather=r.sorted_token, lora=lora)
+        swiglu_backward_launch(g, h, top_k_weights.reshape(-1), r, dh, w_act, dweights, rows_block())
+        del g  # free row buffers as soon as they are consumed: lower peak memory
 
     if down_a is not None and need_lora:
         ddown_a = torch.empty(down_a.shape, dtype=down_a.dtype, device=grad_out.device)

@@ -8,6 +8,7 @@ GEMM kinds (routed GEMMs, grouped_gemm/forward.py, key "<kind>|N=..|K=..|BM=..")
     gate_up      x[token] @ gate_up[e]^T with SwiGLU         (N = I, K = H)
     down         act @ down[e]^T, weighted scatter            (N = H, K = I)
     down_dx      dOut[token] @ down[e]                        (N = I, K = H)
+    down_dx_swiglu   down_dx with the SwiGLU backward in its epilogue (FUSE_DSWIGLU)
     gate_up_dx   dh @ gate_up[e], scatter                     (N = H, K = 2I)
     plain / plain_dx   grouped_gemm() and its dX
     <kind>_nf4   the same GEMM on 4-bit experts (B dequantized in the load)
@@ -27,6 +28,10 @@ from dataclasses import asdict, dataclass
 import torch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# The backward's down_dx GEMM computes the SwiGLU backward in its epilogue (kind
+# "down_dx_swiglu") instead of writing g for activation.py's kernel. Off until measured on
+# the H200 (benchmarks/backward_options.py); read at each call.
+FUSE_DSWIGLU = False
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 
 
@@ -58,27 +63,35 @@ class GemmConfig:
 @dataclass(frozen=True)
 class DwConfig:
     """A weight-gradient GEMM (grouped_gemm/backward_dw.py): an output tile (block_m, block_n) of one expert,
-    block_k routed rows per step."""
+    block_k routed rows per step.
+
+    persistent: programs per SM of a persistent grid whose programs walk the (expert, tile)
+    pairs; 0: one program per tile (same bits either way).
+    """
 
     block_m: int
     block_n: int
     block_k: int
     num_warps: int
     num_stages: int
+    persistent: int = 0
 
     @classmethod
     def from_json(cls, entry: dict) -> "DwConfig":
         return cls(**_from_json(entry, _DW_KEYS, cls.__name__))
 
     def to_json(self) -> dict:
-        return _to_json(self, _DW_KEYS, {})
+        return _to_json(self, _DW_KEYS, dict(persistent=0))
 
 
 _GEMM_KEYS = dict(
     block_n="BLOCK_N", block_k="BLOCK_K", group_m="GROUP_M", num_warps="num_warps", num_stages="num_stages",
     tma_b="TMA_B", persistent="PERSISTENT",
 )  # fmt: skip
-_DW_KEYS = dict(block_m="BLOCK_M", block_n="BLOCK_N", block_k="BLOCK_K", num_warps="num_warps", num_stages="num_stages")
+_DW_KEYS = dict(
+    block_m="BLOCK_M", block_n="BLOCK_N", block_k="BLOCK_K", num_warps="num_warps", num_stages="num_stages",
+    persistent="PERSISTENT",
+)  # fmt: skip
 
 
 def _from_json(entry: dict, keys: dict, name: str) -> dict:

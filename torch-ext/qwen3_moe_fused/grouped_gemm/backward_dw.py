@@ -1,7 +1,8 @@
 """Weight gradient of a grouped GEMM: dW[e] = sum over rows r of expert e of A[r]^T B[r].
 
 A rows and B rows may be gathered through an index (None: read in sorted order). Experts
-with no rows get an exact zero gradient.
+with no rows get an exact zero gradient. DwConfig.persistent launches a grid of fewer
+programs that walk the (expert, tile) pairs in the same order (same bits as without).
 """
 
 import torch
@@ -10,32 +11,16 @@ import triton.language as tl
 
 from ..routing import Routing
 from ..tuning import DwConfig
+from .forward import _num_sms
 
 
 @triton.jit
-def _grouped_dw_kernel(
-    a_ptr,  # (rows of A, M)
-    b_ptr,  # (rows of B, N)
-    c_ptr,  # (E, M, N)
-    a_gather_ptr,  # (sorted rows,) row of A for each sorted row, or None
-    b_gather_ptr,  # (sorted rows,) row of B for each sorted row, or None
-    expert_offsets_ptr,
-    M,
-    N,
-    stride_ar,
-    stride_am,
-    stride_br,
-    stride_bn,
-    stride_ce,
-    stride_cm,
-    stride_cn,
-    IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    expert = tl.program_id(1)
+def _dw_tile(
+    expert, pid, a_ptr, b_ptr, c_ptr, a_gather_ptr, b_gather_ptr, expert_offsets_ptr, M, N, stride_ar, stride_am,
+    stride_br, stride_bn, stride_ce, stride_cm, stride_cn, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Output tile pid = m-tile * n-tiles + n-tile of expert's gradient (arguments as in _grouped_dw_kernel)."""
     num_tiles_n = tl.cdiv(N, BLOCK_N)
     pid_m = pid // num_tiles_n
     pid_n = pid % num_tiles_n
@@ -77,6 +62,44 @@ def _grouped_dw_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
+@triton.jit
+def _grouped_dw_kernel(
+    a_ptr,  # (rows of A, M)
+    b_ptr,  # (rows of B, N)
+    c_ptr,  # (E, M, N)
+    a_gather_ptr,  # (sorted rows,) row of A for each sorted row, or None
+    b_gather_ptr,  # (sorted rows,) row of B for each sorted row, or None
+    expert_offsets_ptr,
+    num_tiles,  # E * tiles per expert
+    M,
+    N,
+    stride_ar,
+    stride_am,
+    stride_br,
+    stride_bn,
+    stride_ce,
+    stride_cm,
+    stride_cn,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PERSISTENT: tl.constexpr,
+):
+    # One program per tile, grid (tiles per expert, E): an expert's tiles run side by side and
+    # share its rows in L2. PERSISTENT: a 1-D grid of fewer programs walking the tiles in that order.
+    if PERSISTENT:
+        tiles_per_expert = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+        for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+            _dw_tile(tile // tiles_per_expert, tile % tiles_per_expert, a_ptr, b_ptr, c_ptr, a_gather_ptr,
+                     b_gather_ptr, expert_offsets_ptr, M, N, stride_ar, stride_am, stride_br, stride_bn, stride_ce,
+                     stride_cm, stride_cn, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+    else:
+        _dw_tile(tl.program_id(1), tl.program_id(0), a_ptr, b_ptr, c_ptr, a_gather_ptr, b_gather_ptr,
+                 expert_offsets_ptr, M, N, stride_ar, stride_am, stride_br, stride_bn, stride_ce, stride_cm, stride_cn,
+                 IEEE, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+
+
 def grouped_dw_launch(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -95,13 +118,18 @@ def grouped_dw_launch(
     num_experts, m, n = out.shape
     if num_experts == 0 or m == 0 or n == 0:
         return out
-    grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n), num_experts)
+    tiles_per_expert = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
+    num_tiles = num_experts * tiles_per_expert
+    if config.persistent:
+        grid = (min(num_tiles, config.persistent * _num_sms(a.device)),)
+    else:
+        grid = (tiles_per_expert, num_experts)
     _grouped_dw_kernel[grid](
         a_ptr=a, b_ptr=b, c_ptr=out, a_gather_ptr=a_gather, b_gather_ptr=b_gather,
-        expert_offsets_ptr=routing.expert_offsets, M=m, N=n,
+        expert_offsets_ptr=routing.expert_offsets, num_tiles=num_tiles, M=m, N=n,
         stride_ar=a.stride(0), stride_am=a.stride(1), stride_br=b.stride(0), stride_bn=b.stride(1),
         stride_ce=out.stride(0), stride_cm=out.stride(1), stride_cn=out.stride(2),
         IEEE=a.dtype == torch.float32, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        PERSISTENT=config.persistent > 0, num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return out

@@ -1,13 +1,16 @@
 """Grouped GEMMs over routed rows: C[r] = A[gather[r]] @ B[expert(r)]^T.
 
-Two kernels, one per job, built from the same tile helpers:
+Three kernels, one per job, built from the same tile helpers:
   * _swiglu_gemm_kernel, the forward's gate_up GEMM: B holds gate rows [0, N) and up rows
     [N, 2N); a tile computes both and writes silu(gate) * up, optionally saving the
     pre-activation (gate, up);
   * _gemm_kernel, every other routed GEMM (down, the dX GEMMs, LoRA projections, plain):
     one accumulator; the epilogue may multiply each row by its routing weight (row_scale)
     and write it to its (token, k) position instead of its sorted position (scatter).
-Both: the A-load may gather token rows through an index (no permuted copy of activations);
+  * _dswiglu_gemm_kernel, the down projection's dX GEMM with the SwiGLU backward in its
+    epilogue: it reads the saved (gate, up) and writes their gradient, the weighted
+    activation and per-tile partial sums of the routing-weight gradient (g is never written).
+All: the A-load may gather token rows through an index (no permuted copy of activations);
 LORA: before the epilogue, the low-rank term L[r] @ LB[expert(r)]^T is added, where L
 (sorted rows, R) is the input already projected by the LoRA A factor (a thin GEMM of
 _gemm_kernel) and LB (E, N, R) the scaled B factor; NF4: B is 4-bit (bitsandbytes NF4:
@@ -482,6 +485,132 @@ def _gemm_kernel(
             BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)  # fmt: skip
 
 
+@triton.jit
+def _dswiglu_tile(
+    tile, a_ptr, b_ptr, b_desc, b_rows, absmax_ptr, code_ptr, h_ptr, weights_ptr, sort_idx_ptr, dh_ptr, w_act_ptr,
+    dw_partial_ptr, lora_x_ptr, lora_b_ptr, gather_ptr, tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr,
+    num_tiles_m, N, K, stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_hm, stride_dm, stride_wm, R,
+    stride_lx, stride_le, stride_ln, stride_lr, IEEE: tl.constexpr, NF4_PAIRS: tl.constexpr,
+    SCALE_PER_COL: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """One output tile of _dswiglu_gemm_kernel (arguments as there)."""
+    pid_m, pid_n = _tile_position(tile, num_tiles_m, N, BLOCK_N, GROUP_M)
+    expert = tl.load(tile_expert_ptr + pid_m)
+    if expert >= 0:  # else past the last used tile
+        row_start = tl.load(tile_row_start_ptr + pid_m)
+        row_end = tl.load(expert_offsets_ptr + expert + 1)
+        rows = row_start + tl.arange(0, BLOCK_M)
+        row_mask = rows < row_end
+        if gather_ptr is not None:
+            a_rows = tl.load(gather_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+        else:
+            a_rows = rows.to(tl.int64)
+        a_ptrs = a_ptr + a_rows[:, None] * stride_am + tl.arange(0, BLOCK_K)[None, :] * stride_ak
+        acc, _ = _mainloop(
+            a_ptrs, row_mask, K, stride_ak, b_ptr, b_desc, b_rows, absmax_ptr, code_ptr, expert, pid_n, N,
+            stride_be, stride_bn, stride_bk, IEEE=IEEE, SWIGLU=False, NF4_PAIRS=NF4_PAIRS,
+            SCALE_PER_COL=SCALE_PER_COL, B_KN=True, QBLOCK=QBLOCK, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            BLOCK_K=BLOCK_K,
+        )  # fmt: skip
+        if lora_x_ptr is not None:
+            acc, _ = _add_lora(
+                acc, acc, lora_x_ptr, lora_b_ptr, rows, row_mask, expert, pid_n, N, R, stride_lx, stride_le,
+                stride_ln, stride_lr, IEEE=IEEE, SWIGLU=False, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R,
+            )  # fmt: skip
+
+        # The SwiGLU backward of activation.py on this tile. g is rounded to the activations'
+        # dtype, as the unfused path stores it; columns past N load (gate, up) = 0: act = 0.
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = row_mask[:, None] & (offs_n < N)[None, :]
+        g = acc.to(dh_ptr.dtype.element_ty).to(tl.float32)
+        flat = tl.load(sort_idx_ptr + rows, mask=row_mask, other=0)
+        w = tl.load(weights_ptr + flat, mask=row_mask, other=0.0).to(tl.float32)
+        rows64 = rows.to(tl.int64)
+        h_ptrs = h_ptr + rows64[:, None] * stride_hm + offs_n[None, :]
+        gate = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(h_ptrs + N, mask=mask, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(gate)
+        silu = gate * sig
+        act = silu * up
+        # This tile's part of the routing-weight gradient, in its column of the partial sums.
+        num_tiles_n = tl.cdiv(N, BLOCK_N)
+        tl.store(dw_partial_ptr + flat.to(tl.int64) * num_tiles_n + pid_n, tl.sum(g * act, axis=1), mask=row_mask)
+        d_act = g * w[:, None]
+        d_gate = d_act * up * (sig + silu * (1.0 - sig))
+        d_up = d_act * silu
+        dh_ptrs = dh_ptr + rows64[:, None] * stride_dm + offs_n[None, :]
+        tl.store(dh_ptrs, d_gate.to(dh_ptr.dtype.element_ty), mask=mask)
+        tl.store(dh_ptrs + N, d_up.to(dh_ptr.dtype.element_ty), mask=mask)
+        w_act_ptrs = w_act_ptr + rows64[:, None] * stride_wm + offs_n[None, :]
+        tl.store(w_act_ptrs, (act * w[:, None]).to(w_act_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dswiglu_gemm_kernel(
+    a_ptr,  # (rows of A, K): the output gradient of the tokens
+    b_ptr,  # (E, K, N) through strides (the down weights, read transposed); NF4: the packed codes
+    b_desc,  # TMA descriptor of B's 2-D view (E * K, N), or None
+    b_rows,  # with b_desc: K
+    absmax_ptr,  # NF4: per-block absmax (float32), else None
+    code_ptr,  # NF4: the 16 code values (float32), else None
+    h_ptr,  # (sorted rows, 2N): the saved pre-activation (gate, up)
+    weights_ptr,  # (T * K,) routing weights in (token, k) order
+    sort_idx_ptr,  # (sorted rows,) (token, k) position of each sorted row
+    dh_ptr,  # (sorted rows, 2N) out: gradient of (gate, up)
+    w_act_ptr,  # (sorted rows, N) out: w * silu(gate) * up
+    dw_partial_ptr,  # (T * K, cdiv(N, BLOCK_N)) float32 out: per column tile, sum of g * act
+    lora_x_ptr,  # (sorted rows, R) LoRA-projected output gradient, or None
+    lora_b_ptr,  # (E, R, N) through strides, or None
+    gather_ptr,  # (sorted rows,) row of A for each sorted row, or None
+    tile_expert_ptr,
+    tile_row_start_ptr,
+    expert_offsets_ptr,
+    num_tiles_m,
+    N,
+    K,
+    stride_am,
+    stride_ak,
+    stride_be,
+    stride_bn,
+    stride_bk,
+    stride_hm,
+    stride_dm,
+    stride_wm,
+    R,
+    stride_lx,
+    stride_le,
+    stride_ln,
+    stride_lr,
+    IEEE: tl.constexpr,
+    NF4_PAIRS: tl.constexpr,
+    SCALE_PER_COL: tl.constexpr,
+    QBLOCK: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    PERSISTENT: tl.constexpr,
+):
+    # One program per tile, or (PERSISTENT) fewer programs walking the tiles, as _gemm_kernel.
+    if PERSISTENT:
+        num_tiles = num_tiles_m * tl.cdiv(N, BLOCK_N)
+        for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+            _dswiglu_tile(tile, a_ptr, b_ptr, b_desc, b_rows, absmax_ptr, code_ptr, h_ptr, weights_ptr, sort_idx_ptr,
+                dh_ptr, w_act_ptr, dw_partial_ptr, lora_x_ptr, lora_b_ptr, gather_ptr, tile_expert_ptr,
+                tile_row_start_ptr, expert_offsets_ptr, num_tiles_m, N, K, stride_am, stride_ak, stride_be,
+                stride_bn, stride_bk, stride_hm, stride_dm, stride_wm, R, stride_lx, stride_le, stride_ln,
+                stride_lr, IEEE, NF4_PAIRS, SCALE_PER_COL, QBLOCK, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K,
+                GROUP_M)  # fmt: skip
+    else:
+        _dswiglu_tile(tl.program_id(0), a_ptr, b_ptr, b_desc, b_rows, absmax_ptr, code_ptr, h_ptr, weights_ptr,
+            sort_idx_ptr, dh_ptr, w_act_ptr, dw_partial_ptr, lora_x_ptr, lora_b_ptr, gather_ptr, tile_expert_ptr,
+            tile_row_start_ptr, expert_offsets_ptr, num_tiles_m, N, K, stride_am, stride_ak, stride_be, stride_bn,
+            stride_bk, stride_hm, stride_dm, stride_wm, R, stride_lx, stride_le, stride_ln, stride_lr, IEEE,
+            NF4_PAIRS, SCALE_PER_COL, QBLOCK, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)  # fmt: skip
+
+
 @functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device; a few programs stand in for them elsewhere."""
@@ -627,3 +756,44 @@ def grouped_gemm_launch(
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return out
+
+
+def dswiglu_gemm_launch(
+    a: torch.Tensor,
+    b: "torch.Tensor | Nf4Weight",
+    h: torch.Tensor,
+    weights: torch.Tensor,
+    routing: Routing,
+    config: GemmConfig,
+    *,
+    dh: torch.Tensor,
+    w_act: torch.Tensor,
+    dweights: torch.Tensor,
+    gather: torch.Tensor | None = None,
+    lora: tuple[torch.Tensor, torch.Tensor, bool] | None = None,
+) -> None:
+    """The down projection's dX GEMM with the SwiGLU backward in its epilogue (activation.py's
+    formulas): g = A[gather[r]] @ B[e] (never written), then dh (sorted rows, 2N),
+    w_act (sorted rows, N) and dweights (T * K,) in (token, k) order.
+
+    a: (rows of A, K). b: (E, K, N) (the down weights, read transposed); dense or an Nf4Weight.
+    h: (sorted rows, 2N) the saved (gate, up); weights: (T * K,) routing weights.
+    lora: (L, LB, lb_is_rn) as in grouped_gemm_launch, added to g before the SwiGLU backward.
+    dweights is the sum of one float32 partial per column tile (no atomics: deterministic);
+    rows that no expert's tile covers get 0.
+    """
+    n_out = w_act.shape[1]
+    num_tiles_n = triton.cdiv(n_out, config.block_n)
+    partial = torch.zeros(dweights.numel(), num_tiles_n, dtype=torch.float32, device=a.device)
+    num_tiles = routing.tile_expert.numel() * num_tiles_n
+    if num_tiles > 0:
+        _dswiglu_gemm_kernel[_grid(num_tiles, config, a.device)](
+            a_ptr=a, h_ptr=h, weights_ptr=weights, sort_idx_ptr=routing.sort_idx, dh_ptr=dh, w_act_ptr=w_act,
+            dw_partial_ptr=partial, gather_ptr=gather, N=n_out, K=a.shape[1], stride_am=a.stride(0),
+            stride_ak=a.stride(1), stride_hm=h.stride(0), stride_dm=dh.stride(0), stride_wm=w_act.stride(0),
+            **_b_operand(a, b, config, b_is_kn=True), **_lora_operand(lora), **_tile_map(routing),
+            IEEE=a.dtype == torch.float32, BLOCK_M=routing.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+            GROUP_M=config.group_m, PERSISTENT=config.persistent > 0, num_warps=config.num_warps,
+            num_stages=config.num_stages,
+        )  # fmt: skip
+    dweights.copy_(partial.sum(1))
