@@ -69,6 +69,24 @@ def peak_mib(fn):
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+# Our layer as shipped ("ours"), or with a backward option forced on (benchmarks/backward_options.py):
+# "+dswiglu" fuses the SwiGLU backward into the down_dx GEMM, "+pdw" runs the dW GEMMs on a
+# persistent grid (one program per SM).
+OURS_OPTIONS = {"ours": (None, 0), "ours+dswiglu": (True, 0), "ours+pdw": (None, 1), "ours+dswiglu+pdw": (True, 1)}
+_SHIPPED = {}
+
+
+def _configure(kernel, impl):
+    from dataclasses import replace
+
+    fuse, persistent = OURS_OPTIONS.get(impl, (None, 0))
+    shipped_fuse, shipped_dw = _SHIPPED.setdefault("state", (kernel.tuning.FUSE_DSWIGLU, kernel.functional.dw_config))
+    kernel.tuning.FUSE_DSWIGLU = shipped_fuse if fuse is None else fuse
+    kernel.functional.dw_config = (
+        (lambda *a, **kw: replace(shipped_dw(*a, **kw), persistent=persistent)) if persistent else shipped_dw
+    )
+
+
 def run_case(name, kernel, impls, mode, repeats, device, dtype):
     hidden, inter, experts, top_k, tokens = CASES[name]
     block = make_block(hidden, inter, experts, top_k, device, dtype)
@@ -96,7 +114,7 @@ def run_case(name, kernel, impls, mode, repeats, device, dtype):
     config = block.experts.config  # read by the experts' forward on every call: switches the implementation
 
     def forward_of(impl):
-        if impl == "ours":
+        if impl.startswith("ours"):
             return lambda: layer_forward(module, x)
 
         def run():
@@ -107,6 +125,7 @@ def run_case(name, kernel, impls, mode, repeats, device, dtype):
 
     rows, ref = [], None
     for impl in impls:
+        _configure(kernel, impl)
         forward = forward_of(impl)
         grads_of = lambda f=forward: torch.autograd.grad(f(), [x, *targets], grad_out)  # noqa: E731
         try:
@@ -126,6 +145,7 @@ def run_case(name, kernel, impls, mode, repeats, device, dtype):
             row["fwd_tflops"], row["fwd_bwd_tflops"] = flops / row["fwd_ms"] / 1e9, 3 * flops / row["fwd_bwd_ms"] / 1e9
         except Exception as e:  # one implementation failing must not lose the others' numbers
             row = dict(case=name, lora=lora, mode=mode, impl=impl, tokens=tokens, error=f"{type(e).__name__}: {str(e)[:300]}")
+        _configure(kernel, "ours")
         rows.append(row)
         print(json.dumps(row), flush=True)
     config._experts_implementation = "grouped_mm"
