@@ -161,6 +161,7 @@ def main():
     parser.add_argument("--modes", default="full", help="full (every weight trainable), lora (PEFT LoRA r=16 on "
                         "both expert tensors, base frozen), qlora (the same on 4-bit experts: ours only), "
                         "comma-separated, in one process")  # fmt: skip
+    parser.add_argument("--lora-cases", default=None, help="cases of the lora / qlora modes (default: --cases)")
     parser.add_argument("--repeats", type=int, default=1, help="do_bench runs per number (the minimum is kept)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -187,14 +188,15 @@ def main():
     print(json.dumps(meta), flush=True)
     rows = []
     modes = args.modes.split(",")
+    cases = {mode: (args.cases if mode == "full" else args.lora_cases or args.cases).split(",") for mode in modes}
     for mode in modes:
-        for name in args.cases.split(","):
+        for name in cases[mode]:
             rows += run_case(name, kernel, impls, mode, args.repeats, device, dtype)
     print(f"\n{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, dense bf16 {meta['dense_bf16_tflops']:.0f} "
           f"TFLOP/s: fwd / fwd+bwd ms (max rel err of the gradients vs {impls[0]})")  # fmt: skip
     print("| case | " + " | ".join(impls) + " |\n|---|" + "---|" * len(impls))
     for mode in modes:
-        for name in args.cases.split(","):
+        for name in cases[mode]:
             cells = []
             for impl in impls:
                 r = next((r for r in rows if r["case"] == name and r["impl"] == impl and r["mode"] == mode), None)
