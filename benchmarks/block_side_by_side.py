@@ -91,6 +91,7 @@ def run_case(name, kernel, impls, mode, repeats, device, dtype):
     hidden, inter, experts, top_k, tokens = CASES[name]
     block = make_block(hidden, inter, experts, top_k, device, dtype)
     module, lora = block, mode != "full"
+    config = block.experts.config  # read by the experts' forward on every call: switches the implementation
     if mode == "qlora":  # 4-bit experts: only our layer reads them
         kernel.quantize_experts_4bit(block)
         impls = [i for i in impls if i.startswith("ours")]
@@ -111,7 +112,6 @@ def run_case(name, kernel, impls, mode, repeats, device, dtype):
     grad_out = torch.randn(1, tokens, hidden, device=device, dtype=dtype)
     layer_forward = kernel.layers.Qwen3MoeSparseMoeBlock.forward
 
-    config = block.experts.config  # read by the experts' forward on every call: switches the implementation
 
     def forward_of(impl):
         if impl.startswith("ours"):
