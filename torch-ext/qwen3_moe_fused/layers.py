@@ -6,6 +6,7 @@ from torch import nn
 
 from .checks import check_experts_inputs, check_lora, weight_like
 from .functional import moe_experts
+from .parallel import call_sharded_experts, is_dtensor, is_sharded_experts, take_lora
 from .quant import is_quantized
 from .wrappers import is_supported, lora_factors, unwrap_experts
 
@@ -41,6 +42,15 @@ def experts_forward(
     Expert ids outside [0, E) (expert-parallel sentinels) contribute zero.
     gate_up_lora / down_lora: optional (A (E, R, in), B (E, out, R)), scaling folded into B.
     """
+    handed = take_lora(self)  # LoRA cut to this rank's shard, under Transformers' parallel forward
+    if handed is not None and gate_up_lora is None and down_lora is None:
+        gate_up_lora, down_lora = handed
+    for name in ("gate_up_proj", "down_proj"):
+        if is_dtensor(getattr(self, name)):
+            raise TypeError(
+                f"qwen3_moe_fused: experts.{name} is a DTensor: run sharded experts through the forward "
+                "Transformers' parallelism installs on them (experts_implementation='qwen3_moe_fused')"
+            )
     if not _is_silu(self.act_fn):
         raise ValueError(
             f"qwen3_moe_fused supports only the SiLU activation (hidden_act='silu'), got {type(self.act_fn).__name__}"
@@ -65,6 +75,8 @@ def _fused_experts(experts: nn.Module, x, top_k_index, top_k_weights):
         return None
     gate_up_lora = lora_factors(wrappers.get("gate_up_proj"), base.gate_up_proj)
     down_lora = lora_factors(wrappers.get("down_proj"), base.down_proj)
+    if is_sharded_experts(base):  # Transformers' expert / tensor parallel: through its forward
+        return call_sharded_experts(base, x, top_k_index, top_k_weights, gate_up_lora, down_lora)
     return experts_forward(base, x, top_k_index, top_k_weights, gate_up_lora=gate_up_lora, down_lora=down_lora)
 
 
