@@ -46,10 +46,17 @@ def experts_forward(
     if handed is not None and gate_up_lora is None and down_lora is None:
         gate_up_lora, down_lora = handed
     for name in ("gate_up_proj", "down_proj"):
-        if is_dtensor(getattr(self, name)):
+        weight = getattr(self, name)
+        if is_dtensor(weight):
             raise TypeError(
                 f"qwen3_moe_fused: experts.{name} is a DTensor: run sharded experts through the forward "
                 "Transformers' parallelism installs on them (experts_implementation='qwen3_moe_fused')"
+            )
+        if weight.dtype == torch.uint8 and not is_quantized(weight):
+            raise TypeError(
+                f"qwen3_moe_fused: experts.{name} is uint8 without its 4-bit attributes: FSDP2 (fully_shard) "
+                "re-creates the parameters it shards; keep the 4-bit expert tensors out of it with "
+                "fully_shard(..., ignored_params={p for p in model.parameters() if p.dtype == torch.uint8})"
             )
     if not _is_silu(self.act_fn):
         raise ValueError(

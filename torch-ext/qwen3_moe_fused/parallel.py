@@ -132,6 +132,12 @@ def take_lora(experts: nn.Module):
 def call_sharded_experts(experts: nn.Module, x, top_k_index, top_k_weights, gate_up_lora, down_lora):
     """Run the sharded experts through the forward Transformers installed on them, with our experts
     function inside it reading the local shard of the LoRA factors."""
+    if gate_up_lora is not None or down_lora is not None:
+        fsdp_module = getattr(torch.distributed.fsdp, "FSDPModule", ())
+        if isinstance(experts, fsdp_module):
+            # FSDP2 on the expert replicas (Transformers' efsdp): gather them now, so the shard
+            # read below is the expert-parallel one the installed forward computes with.
+            experts.unshard()
     gate_up_lora = local_lora(gate_up_lora, experts.gate_up_proj, experts)
     down_lora = local_lora(down_lora, experts.down_proj, experts)
     with _handing(experts, gate_up_lora, down_lora) as handed:
