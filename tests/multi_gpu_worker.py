@@ -3,11 +3,14 @@
     torchrun --nproc_per_node 2 tests/multi_gpu_worker.py CHECKPOINT OUT CASE [CASE ...]
 
 A CASE is "mode:path:variant":
-  mode     ddp (torch DDP), fsdp2 (torch fully_shard per decoder layer), hf-fsdp2 / hf-ep /
+  mode     ddp (torch DDP), fsdp2 (torch fully_shard per decoder layer, 4-bit tensors in
+           ignored_params; fsdp2-all: sharded too), hf-fsdp2 / hf-ep /
            hf-ep-router / hf-fsdp-ep / hf-tp (Transformers' DistributedConfig), acc-ddp /
            acc-fsdp2 (accelerate)
-  path     kernelize (kernels.kernelize swaps the block's forward) or impl
-           (experts_implementation="qwen3_moe_fused")
+  path     kernelize (kernels.kernelize swaps the block's forward; with expert / tensor
+           parallel also experts_implementation="qwen3_moe_fused"), impl
+           (experts_implementation="qwen3_moe_fused"), eager (Transformers alone),
+           eager-kernelize (kernelize without our experts implementation)
   variant  full (every weight trainable), lora (PEFT LoRA on the experts), qlora (4-bit experts
            + LoRA)
 For each case every rank runs one forward + backward of the tiny model on its share of a fixed
@@ -82,12 +85,14 @@ def build(checkpoint, mode, path, variant, distributed: bool):
     from transformers import Qwen3MoeForCausalLM
 
     kernel = _kernel()
+    # eager: Transformers' own experts; eager-kernelize: the kernelized block without our
+    # experts implementation (which expert / tensor parallel needs: a clear error).
     ours = path == "impl" or (path == "kernelize" and mode in SHARDED_EXPERTS)
     load = dict(dtype=torch.float32, experts_implementation="qwen3_moe_fused" if ours else "eager")
     if distributed and mode.startswith("hf-"):
         load["distributed_config"] = _distributed_config(mode)
     model = Qwen3MoeForCausalLM.from_pretrained(checkpoint, **load)
-    if path == "kernelize":
+    if path in ("kernelize", "eager-kernelize"):
         # The MoE blocks only: kernelize(model) also resets the forward of the RMSNorm layers, which
         # drops the forward Transformers' tensor parallel installs on q_norm / k_norm.
         for block in moe_blocks(model):
@@ -101,7 +106,7 @@ def build(checkpoint, mode, path, variant, distributed: bool):
     model.train()
     if not distributed:
         return model
-    if mode in ("ddp", "acc-ddp") or mode in ("fsdp2", "acc-fsdp2"):
+    if mode in ("ddp", "acc-ddp", "fsdp2", "fsdp2-all", "acc-fsdp2"):
         return _wrap(model, mode)
     return model
 
@@ -119,10 +124,11 @@ def _quantized_params(model):
 def _wrap(model, mode):
     if mode == "ddp":
         return torch.nn.parallel.DistributedDataParallel(model)
-    if mode == "fsdp2":
+    if mode in ("fsdp2", "fsdp2-all"):
         from torch.distributed.fsdp import fully_shard
 
-        ignored = _quantized_params(model)  # 4-bit storage stays whole on every rank (frozen)
+        # fsdp2: the 4-bit storage stays whole on every rank (frozen); fsdp2-all shards it too.
+        ignored = _quantized_params(model) if mode == "fsdp2" else set()
         for layer in _decoder_layers(model):
             fully_shard(layer, ignored_params=ignored or None)
         return fully_shard(model, ignored_params=ignored or None)

@@ -21,11 +21,17 @@ import contextvars
 import torch
 from torch import Tensor, nn
 
+try:
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without distributed
+    DTensor = FSDPModule = ()
+
 _HANDED_LORA = contextvars.ContextVar("qwen3_moe_fused_handed_lora", default=None)
 
 
 def is_dtensor(t) -> bool:
-    return torch.distributed.is_available() and isinstance(t, torch.distributed.tensor.DTensor)
+    return isinstance(t, DTensor)
 
 
 def is_sharded_experts(experts: nn.Module) -> bool:
@@ -133,8 +139,7 @@ def call_sharded_experts(experts: nn.Module, x, top_k_index, top_k_weights, gate
     """Run the sharded experts through the forward Transformers installed on them, with our experts
     function inside it reading the local shard of the LoRA factors."""
     if gate_up_lora is not None or down_lora is not None:
-        fsdp_module = getattr(torch.distributed.fsdp, "FSDPModule", ())
-        if isinstance(experts, fsdp_module):
+        if isinstance(experts, FSDPModule):
             # FSDP2 on the expert replicas (Transformers' efsdp): gather them now, so the shard
             # read below is the expert-parallel one the installed forward computes with.
             experts.unshard()

@@ -29,6 +29,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from ..parallel import is_dtensor
 from .nf4 import check_blocksize, dequantize_nf4, num_blocks, quantize_nf4_into
 
 EXPERT_TENSORS = ("gate_up_proj", "down_proj")
@@ -130,7 +131,7 @@ def quantize_experts_4bit(model: nn.Module, quant_type: str = "nf4", blocksize: 
     for module in experts:
         for name in EXPERT_TENSORS:
             param = module._parameters[name]
-            if torch.distributed.is_available() and isinstance(param, torch.distributed.tensor.DTensor):
+            if is_dtensor(param):
                 raise ValueError(
                     f"quantize_experts_4bit: {name} is a DTensor (sharded by FSDP2 or by Transformers' "
                     "DistributedConfig expert / tensor parallel): 4-bit experts cannot be sharded. Quantize "
