@@ -25,6 +25,23 @@ def _autocast(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return list(tensors)
 
 
+def _check_expert_tensors(self: nn.Module) -> None:
+    """Clear errors for expert tensors that a distributed engine left in a form the kernels cannot read."""
+    for name in ("gate_up_proj", "down_proj"):
+        weight = getattr(self, name)
+        if is_dtensor(weight):
+            raise TypeError(
+                f"qwen3_moe_fused: experts.{name} is a DTensor: run sharded experts through the forward "
+                "Transformers' parallelism installs on them (experts_implementation='qwen3_moe_fused')"
+            )
+        if weight.dtype == torch.uint8 and not is_quantized(weight):
+            raise TypeError(
+                f"qwen3_moe_fused: experts.{name} is uint8 without its 4-bit attributes: FSDP2 (fully_shard) "
+                "re-creates the parameters it shards; keep the 4-bit expert tensors out of it with "
+                "fully_shard(..., ignored_params={p for p in model.parameters() if p.dtype == torch.uint8})"
+            )
+
+
 def experts_forward(
     self: nn.Module,
     hidden_states: torch.Tensor,
@@ -45,19 +62,7 @@ def experts_forward(
     handed = take_lora(self)  # LoRA cut to this rank's shard, under Transformers' parallel forward
     if handed is not None and gate_up_lora is None and down_lora is None:
         gate_up_lora, down_lora = handed
-    for name in ("gate_up_proj", "down_proj"):
-        weight = getattr(self, name)
-        if is_dtensor(weight):
-            raise TypeError(
-                f"qwen3_moe_fused: experts.{name} is a DTensor: run sharded experts through the forward "
-                "Transformers' parallelism installs on them (experts_implementation='qwen3_moe_fused')"
-            )
-        if weight.dtype == torch.uint8 and not is_quantized(weight):
-            raise TypeError(
-                f"qwen3_moe_fused: experts.{name} is uint8 without its 4-bit attributes: FSDP2 (fully_shard) "
-                "re-creates the parameters it shards; keep the 4-bit expert tensors out of it with "
-                "fully_shard(..., ignored_params={p for p in model.parameters() if p.dtype == torch.uint8})"
-            )
+    _check_expert_tensors(self)
     if not _is_silu(self.act_fn):
         raise ValueError(
             f"qwen3_moe_fused supports only the SiLU activation (hidden_act='silu'), got {type(self.act_fn).__name__}"
@@ -80,6 +85,8 @@ def _fused_experts(experts: nn.Module, x, top_k_index, top_k_weights):
         return None
     if not set(wrappers) <= {"gate_up_proj", "down_proj"} or not all(map(is_supported, wrappers.values())):
         return None
+    if not is_sharded_experts(base):
+        _check_expert_tensors(base)
     gate_up_lora = lora_factors(wrappers.get("gate_up_proj"), base.gate_up_proj)
     down_lora = lora_factors(wrappers.get("down_proj"), base.down_proj)
     if is_sharded_experts(base):  # Transformers' expert / tensor parallel: through its forward
