@@ -79,6 +79,8 @@ def load(args, kernel, device, dtype):
     if args.finetune in ("lora", "qlora"):
         from peft import LoraConfig, get_peft_model
 
+        # The LoRA factors are replicated: every rank must start from the same ones.
+        torch.manual_seed(0)
         model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=[], target_parameters=EXPERT_TARGETS))
         if args.tiny:  # PEFT's B starts at zero; make the check below see LoRA
             with torch.no_grad():
@@ -133,11 +135,14 @@ def main():
         torch.cuda.set_device(device)
     dtype = torch.bfloat16 if cuda else torch.float32
     tmp = tempfile.TemporaryDirectory()
+    shared = [tmp.name]
+    dist.broadcast_object_list(shared)  # one folder for all ranks: rank 0's
+    tmp_name = shared[0]
     if args.tiny:
         sys.path.insert(0, str(ROOT / "tests"))
         from tiny_model import write_tiny_checkpoint
 
-        args.model, args.seq_len = f"{tmp.name}/checkpoint", 12
+        args.model, args.seq_len = f"{tmp_name}/checkpoint", 12
         if rank == 0:
             write_tiny_checkpoint(args.model)
         dist.barrier()
@@ -161,10 +166,11 @@ def main():
         check = batch(vocab, 2, args.seq_len, 12345, device)
         with torch.no_grad():
             trained_loss = trained(**check).loss.item()
-        out = Path(args.out or f"{tmp.name}/adapter")
+        out = Path(args.out or f"{tmp_name}/adapter")
+        # Expert-parallel LoRA factors are whole on every rank (their gradients summed over the ranks);
+        # every rank takes part (saving reads the sharded model), rank 0 writes.
+        model.save_pretrained(out, is_main_process=rank == 0)
         if rank == 0:
-            # Expert-parallel LoRA factors are whole on every rank (their gradients summed over the ranks).
-            model.save_pretrained(out)
             if args.finetune == "lora":
                 from peft import PeftModel
 
