@@ -6,6 +6,7 @@ from torch import nn
 
 from .checks import check_experts_inputs, check_lora, weight_like
 from .functional import moe_experts
+from .parallel import call_sharded_experts, is_dtensor, is_sharded_experts, take_lora
 from .quant import is_quantized
 from .quant.experts import EXPERT_TENSORS
 from .shared_expert import fused_shared_inputs
@@ -24,6 +25,23 @@ def _autocast(*tensors: torch.Tensor) -> list[torch.Tensor]:
         dtype = torch.get_autocast_dtype(device_type)
         return [t if is_quantized(t) else t.to(dtype) for t in tensors]
     return list(tensors)
+
+
+def _check_expert_tensors(self: nn.Module) -> None:
+    """Clear errors for expert tensors that a distributed engine left in a form the kernels cannot read."""
+    for name in ("gate_up_proj", "down_proj"):
+        weight = getattr(self, name)
+        if is_dtensor(weight):
+            raise TypeError(
+                f"qwen3_moe_fused: experts.{name} is a DTensor: run sharded experts through the forward "
+                "Transformers' parallelism installs on them (experts_implementation='qwen3_moe_fused')"
+            )
+        if weight.dtype == torch.uint8 and not is_quantized(weight):
+            raise TypeError(
+                f"qwen3_moe_fused: experts.{name} is uint8 without its 4-bit attributes: FSDP2 (fully_shard) "
+                "re-creates the parameters it shards; keep the 4-bit expert tensors out of it with "
+                "fully_shard(..., ignored_params={p for p in model.parameters() if p.dtype == torch.uint8})"
+            )
 
 
 def experts_forward(
@@ -45,6 +63,10 @@ def experts_forward(
     Expert ids outside [0, E) (expert-parallel sentinels) contribute zero.
     gate_up_lora / down_lora: optional (A (E, R, in), B (E, out, R)), scaling folded into B.
     """
+    handed = take_lora(self)  # LoRA cut to this rank's shard, under Transformers' parallel forward
+    if handed is not None and gate_up_lora is None and down_lora is None:
+        gate_up_lora, down_lora = handed
+    _check_expert_tensors(self)
     if not _is_silu(self.act_fn):
         raise ValueError(
             f"qwen3_moe_fused supports only the SiLU activation (hidden_act='silu'), got {type(self.act_fn).__name__}"
@@ -73,8 +95,12 @@ def _fused_experts(experts: nn.Module, x, top_k_index, top_k_weights):
         return None
     if not set(wrappers) <= {"gate_up_proj", "down_proj"} or not all(map(is_supported, wrappers.values())):
         return None
+    if not is_sharded_experts(base):
+        _check_expert_tensors(base)
     gate_up_lora = lora_factors(wrappers.get("gate_up_proj"), base.gate_up_proj)
     down_lora = lora_factors(wrappers.get("down_proj"), base.down_proj)
+    if is_sharded_experts(base):  # Transformers' expert / tensor parallel: through its forward
+        return call_sharded_experts(base, x, top_k_index, top_k_weights, gate_up_lora, down_lora)
     return experts_forward(base, x, top_k_index, top_k_weights, gate_up_lora=gate_up_lora, down_lora=down_lora)
 
 

@@ -29,6 +29,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from ..parallel import is_dtensor
 from .nf4 import check_blocksize, dequantize_nf4, num_blocks, quantize_nf4_into
 
 EXPERT_TENSORS = ("gate_up_proj", "down_proj")
@@ -206,6 +207,12 @@ def quantize_experts_4bit(model: nn.Module, quant_type: str = "nf4", blocksize: 
     for module in experts:
         for name in EXPERT_TENSORS:
             param = module._parameters[name]
+            if is_dtensor(param):
+                raise ValueError(
+                    f"quantize_experts_4bit: {name} is a DTensor (sharded by FSDP2 or by Transformers' "
+                    "DistributedConfig expert / tensor parallel): 4-bit experts cannot be sharded. Quantize "
+                    "an unsharded model and use DDP, or FSDP2 with the 4-bit tensors in ignored_params"
+                )
             if not is_quantized(param):
                 setattr(module, name, _quantize_param(param, blocksize))
                 del param  # the 16-bit tensor is freed once nothing else holds it

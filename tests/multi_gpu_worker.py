@@ -1,0 +1,237 @@
+"""Worker of tests/test_multi_gpu.py: run by torchrun with 2 gloo ranks on CPU.
+
+    torchrun --nproc_per_node 2 tests/multi_gpu_worker.py CHECKPOINT OUT CASE [CASE ...]
+
+A CASE is "mode:path:variant":
+  mode     ddp (torch DDP), fsdp2 (torch fully_shard per decoder layer, 4-bit tensors in
+           ignored_params; fsdp2-all: sharded too), hf-fsdp2 / hf-ep /
+           hf-ep-router / hf-fsdp-ep / hf-tp (Transformers' DistributedConfig), acc-ddp /
+           acc-fsdp2 (accelerate)
+  path     kernelize (kernels.kernelize swaps the block's forward; with expert / tensor
+           parallel also experts_implementation="qwen3_moe_fused"), impl
+           (experts_implementation="qwen3_moe_fused"), eager (Transformers alone),
+           eager-kernelize (kernelize without our experts implementation)
+  variant  full (every weight trainable), lora (PEFT LoRA on the experts), qlora (4-bit experts
+           + LoRA)
+For each case every rank runs one forward + backward of the tiny model on its share of a fixed
+batch; rank 0 also runs the same model in one process (no process group) on the whole batch.
+Rank 0 writes OUT/CASE.pt: {"loss", "grads" (full tensors by parameter name), "ref_loss",
+"ref_grads"} or {"error": message}. "save:..." cases also save and reload checkpoints.
+"""
+
+import copy
+import math
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tiny_model import TINY_CONFIG, kernelize_moe, moe_blocks, sample_batch  # noqa: E402
+
+EXPERT_TARGETS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+# Modes whose ranks all see the same batch (Transformers gives a tensor-parallel group one batch).
+REPLICATED_BATCH = {"hf-ep", "hf-ep-router", "hf-tp"}
+# Modes in which nothing averages the gradients of PEFT parameters added after loading.
+UNMANAGED_PEFT = {"hf-fsdp2", "hf-fsdp-ep"}
+# Modes that shard the experts and install their own forward on them: the kernelized block runs
+# that forward, which calls the configured experts implementation, so it must be ours.
+SHARDED_EXPERTS = {"hf-ep", "hf-ep-router", "hf-fsdp-ep", "hf-tp"}
+
+
+def _kernel():
+    from kernels import get_kernel
+    from transformers.integrations.moe import ExpertsInterface
+
+    kernel = get_kernel("org/qwen3-moe-fused", version=1)
+    ExpertsInterface.register("qwen3_moe_fused", kernel.experts_forward)
+    return kernel
+
+
+def _distributed_config(mode):
+    from transformers.distributed import DistributedConfig
+
+    return {
+        "hf-fsdp2": lambda: DistributedConfig(fsdp_size=2),
+        "hf-ep": lambda: DistributedConfig(ep_size=2, tp_size=2, tp_plan={}),
+        "hf-ep-router": lambda: DistributedConfig(
+            ep_size=2,
+            tp_size=2,
+            tp_plan={},
+            ep_plan={"model.layers.*.mlp.gate": "ep_router", "model.layers.*.mlp.experts": "moe_tp_experts"},
+        ),
+        "hf-fsdp-ep": lambda: DistributedConfig(fsdp_size=2, ep_size=2),
+        "hf-tp": lambda: DistributedConfig(tp_size=2),
+    }[mode]()
+
+
+def randomize_lora(model, seed=0):
+    """Deterministic non-zero LoRA weights by parameter name (PEFT's B starts at zero)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if ".lora_A." in name or ".lora_B." in name:
+                fan = param.shape[1] if ".lora_A." in name else TINY_CONFIG["num_experts"]
+                param.copy_(0.5 * torch.randn(param.shape, generator=generator) / math.sqrt(fan))
+
+
+def build(checkpoint, mode, path, variant, distributed: bool):
+    """The model of a case: loaded, kernelized or not, 4-bit and LoRA as asked, wrapped by the mode."""
+    from kernels import Mode
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen3MoeForCausalLM
+
+    kernel = _kernel()
+    # eager: Transformers' own experts; eager-kernelize: the kernelized block without our
+    # experts implementation (which expert / tensor parallel needs: a clear error).
+    ours = path == "impl" or (path == "kernelize" and mode in SHARDED_EXPERTS)
+    load = dict(dtype=torch.float32, experts_implementation="qwen3_moe_fused" if ours else "eager")
+    if distributed and mode.startswith("hf-"):
+        load["distributed_config"] = _distributed_config(mode)
+    model = Qwen3MoeForCausalLM.from_pretrained(checkpoint, **load)
+    if path in ("kernelize", "eager-kernelize"):
+        # The MoE blocks only: kernelize(model) also resets the forward of the RMSNorm layers, which
+        # drops the forward Transformers' tensor parallel installs on q_norm / k_norm.
+        for block in moe_blocks(model):
+            kernelize_moe(block, Mode.TRAINING)
+    if variant == "qlora":
+        kernel.quantize_experts_4bit(model)
+    if variant in ("lora", "qlora"):
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=[], target_parameters=EXPERT_TARGETS)
+        model = get_peft_model(model, config)
+        randomize_lora(model)
+    model.train()
+    if not distributed:
+        return model
+    if mode in ("ddp", "acc-ddp", "fsdp2", "fsdp2-all", "acc-fsdp2"):
+        return _wrap(model, mode)
+    return model
+
+
+def _decoder_layers(model):
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeDecoderLayer
+
+    return [m for m in model.modules() if isinstance(m, Qwen3MoeDecoderLayer)]
+
+
+def _quantized_params(model):
+    return {p for p in model.parameters() if getattr(p, "quant_type", None) is not None}
+
+
+def _wrap(model, mode):
+    if mode == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(model)
+    if mode in ("fsdp2", "fsdp2-all"):
+        from torch.distributed.fsdp import fully_shard
+
+        # fsdp2: the 4-bit storage stays whole on every rank (frozen); fsdp2-all shards it too.
+        ignored = _quantized_params(model) if mode == "fsdp2" else set()
+        for layer in _decoder_layers(model):
+            fully_shard(layer, ignored_params=ignored or None)
+        return fully_shard(model, ignored_params=ignored or None)
+    from accelerate import Accelerator
+
+    if mode == "acc-ddp":
+        return Accelerator(cpu=True).prepare_model(model)
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2,
+        auto_wrap_policy="transformer_based_wrap",
+        transformer_cls_names_to_wrap=["Qwen3MoeDecoderLayer"],
+        cpu_ram_efficient_loading=False,
+        state_dict_type="SHARDED_STATE_DICT",
+    )
+    return Accelerator(cpu=True, fsdp_plugin=plugin).prepare_model(model)
+
+
+def _batches(mode, world_size):
+    """(each rank's batch, the batches of the whole step): a data-parallel rank takes one row."""
+    input_ids, attention_mask, labels = sample_batch(TINY_CONFIG["vocab_size"], batch=2, seq_len=11)
+    if mode in REPLICATED_BATCH:
+        whole = (input_ids, attention_mask, labels)
+        return [whole] * world_size, [whole]
+    rows = [(input_ids[r : r + 1], attention_mask[r : r + 1], labels[r : r + 1]) for r in range(world_size)]
+    return rows, rows
+
+
+def _clean(name: str) -> str:
+    for part in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "module."):
+        name = name.replace(part, "")
+    return name
+
+
+def _full(t):
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def gradients(model):
+    return {_clean(n): _full(p.grad).detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _step(model, batches):
+    """Mean loss over `batches` (as data-parallel ranks average their gradients), then backward."""
+    losses = [model(input_ids=i, attention_mask=m, labels=lab).loss for i, m, lab in batches]
+    loss = sum(losses) / len(losses)
+    loss.backward()
+    return loss.detach()
+
+
+def average_unmanaged_grads(model):
+    """Gradients of trainable plain-tensor parameters averaged over all ranks (what DDP does):
+    Transformers' FSDP2 does not manage PEFT parameters added after loading."""
+    world = dist.get_world_size()
+    from torch.distributed.tensor import DTensor
+
+    for p in model.parameters():
+        if p.grad is not None and not isinstance(p, DTensor):
+            dist.all_reduce(p.grad)
+            p.grad /= world
+
+
+def run_case(checkpoint, case):
+    mode, path, variant = case.split(":")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    per_rank, whole = _batches(mode, world)
+    result = {}
+    if rank == 0:
+        ref = build(checkpoint, mode, path, variant, distributed=False)
+        result["ref_loss"] = _step(ref, whole)
+        result["ref_grads"] = gradients(ref)
+        del ref
+    model = build(checkpoint, mode, path, variant, distributed=True)
+    loss = _step(model, [per_rank[rank]])
+    if variant != "full" and mode in UNMANAGED_PEFT:
+        average_unmanaged_grads(model)
+    dist.all_reduce(loss)
+    result["loss"] = loss / world
+    result["grads"] = gradients(model)
+    return result
+
+
+def main():
+    checkpoint, out, *cases = sys.argv[1:]
+    dist.init_process_group("gloo")
+    if os.environ.get("WORKER_DUMP_AFTER"):
+        import faulthandler
+
+        faulthandler.dump_traceback_later(int(os.environ["WORKER_DUMP_AFTER"]), exit=True)
+    _kernel()
+    for case in cases:
+        try:
+            result = run_case(checkpoint, case)
+        except Exception as error:  # recorded: the test says which case failed and why
+            result = {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
+        if dist.get_rank() == 0:
+            torch.save(result, Path(out) / f"{case.replace(':', '_')}.pt")
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

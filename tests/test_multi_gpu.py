@@ -1,0 +1,112 @@
+"""Several processes: 2 gloo ranks on CPU (torchrun, Triton's interpreter, float32), the tiny
+Qwen3 MoE model, one forward + backward per mode against one process on the whole batch: the
+loss and the gradient of every trainable parameter (full tensors, gathered from their shards).
+
+One torchrun runs every case (tests/multi_gpu_worker.py, which documents the case names);
+each test below reads its case's result. Modes that cannot work raise a clear error, checked
+here by its message. docs/multi_gpu.md lists the modes.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+pytest.importorskip("accelerate")
+
+from reference import rel_err  # noqa: E402
+from tiny_model import write_tiny_checkpoint  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RTOL = 2e-5  # float32; the ranks sum partial results in another order
+
+WORKS = [
+    "ddp:kernelize:full",
+    "ddp:impl:lora",
+    "ddp:kernelize:lora",
+    "ddp:kernelize:qlora",
+    "fsdp2:kernelize:full",
+    "fsdp2:impl:full",
+    "fsdp2:kernelize:lora",
+    "fsdp2:kernelize:qlora",
+    "hf-fsdp2:kernelize:full",
+    "hf-fsdp2:impl:lora",
+    "hf-fsdp2:kernelize:lora",
+    "hf-ep:kernelize:full",
+    "hf-ep:impl:full",
+    "hf-ep:kernelize:lora",
+    "hf-ep-router:kernelize:full",
+    "hf-ep-router:impl:full",
+    "hf-ep-router:kernelize:lora",
+    "hf-fsdp-ep:kernelize:lora",
+    "hf-tp:kernelize:full",
+    "hf-tp:impl:full",
+    "acc-ddp:kernelize:lora",
+    "acc-ddp:impl:full",
+    "acc-fsdp2:kernelize:full",
+    "acc-fsdp2:kernelize:qlora",
+]
+# case -> a piece of the clear error it raises at set-up or on the first forward
+RAISES = {
+    "fsdp2-all:kernelize:qlora": "keep the 4-bit expert tensors out of it",
+    "hf-fsdp2:kernelize:qlora": "4-bit experts cannot be sharded",
+    "hf-ep:kernelize:qlora": "4-bit experts cannot be sharded",
+    "hf-ep:eager-kernelize:full": "Load the model with experts_implementation=\"qwen3_moe_fused\"",
+}
+# Transformers 5.22.2's own bug, with its eager experts too: expert-weight gradients are half the
+# single-process ones under DistributedConfig(fsdp_size=2, ep_size=2).
+TRANSFORMERS_BUG = ["hf-fsdp-ep:kernelize:full", "hf-fsdp-ep:eager:full"]
+
+
+def _torchrun(checkpoint, out, cases):
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    worker = [str(ROOT / "tests" / "multi_gpu_worker.py"), str(checkpoint), str(out), *cases]
+    run = subprocess.run([*command, *worker], env=env, capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, run.stderr[-5000:]
+    return {case: torch.load(out / f"{case.replace(':', '_')}.pt", weights_only=False) for case in cases}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """Every case, in two torchruns of 2 ranks (the failing set apart); -> {case: result}."""
+    tmp = tmp_path_factory.mktemp("multi-gpu")
+    write_tiny_checkpoint(tmp / "checkpoint")
+    return {
+        **_torchrun(tmp / "checkpoint", tmp, [*WORKS, *TRANSFORMERS_BUG]),
+        **_torchrun(tmp / "checkpoint", tmp, list(RAISES)),
+    }
+
+
+def _assert_matches_one_process(result):
+    assert "error" not in result, result.get("traceback", result.get("error"))
+    assert rel_err(result["loss"], result["ref_loss"]) <= RTOL, "loss"
+    ref_grads, grads = result["ref_grads"], result["grads"]
+    assert ref_grads and grads.keys() == ref_grads.keys(), sorted(grads.keys() ^ ref_grads.keys())
+    for name, ref in ref_grads.items():
+        assert ref.abs().max() > 0, f"zero reference gradient for {name}"
+        assert grads[name].shape == ref.shape, name
+        assert rel_err(grads[name], ref) <= RTOL, f"gradient of {name}: {rel_err(grads[name], ref):.2e}"
+
+
+@pytest.mark.parametrize("case", WORKS)
+def test_matches_one_process(results, case):
+    _assert_matches_one_process(results[case])
+    if case.endswith("lora"):
+        assert any(".lora_A." in name for name in results[case]["grads"])
+
+
+@pytest.mark.parametrize("case", RAISES)
+def test_unsupported_combination_raises(results, case):
+    assert RAISES[case] in results[case].get("error", ""), results[case].get("error")
+
+
+@pytest.mark.parametrize("case", TRANSFORMERS_BUG)
+@pytest.mark.xfail(strict=True, reason="Transformers 5.22.2: expert gradients halved under fsdp_size=2, ep_size=2")
+def test_transformers_fsdp_ep_full_finetuning(results, case):
+    _assert_matches_one_process(results[case])
