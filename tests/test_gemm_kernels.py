@@ -50,6 +50,13 @@ def _config(kernel, block_n=32, block_k=32, persistent=0, **options):
     return kernel.tuning.GemmConfig(**dict(fields, **options))
 
 
+def _case_config(kernel, opts: dict, **overrides):
+    """The config of a case (its block_n / block_k / persistent, if it sets them), with overrides
+    (the GPU tests' tma_b, persistent, num_stages) taking precedence."""
+    fields = {name: opts[name] for name in ("block_n", "block_k", "persistent") if name in opts}
+    return _config(kernel, **{**fields, **overrides})
+
+
 # (name, options) of the routed GEMM; every case also runs in float16 unless it says otherwise.
 GEMM_CASES = {
     "plain": {},
@@ -106,7 +113,7 @@ def _routed_gemm(kernel, opts, dtype, device="cpu", **config):
     expected = torch.empty(num_rows, n_out, dtype=torch.float64)
     expected[c_rows] = ref
 
-    cfg = _config(kernel, opts.get("block_n", 32), opts.get("block_k", 32), opts.get("persistent", 0), **config)
+    cfg = _case_config(kernel, opts, **config)
     out = torch.full((num_rows, n_out), float("nan"), dtype=dtype, device=device)
     b = b._replace(codes=b.codes.to(device), absmax=b.absmax.to(device)) if opts.get("nf4") else b.to(device)
     kernel.functional.grouped_gemm_launch(
@@ -161,7 +168,7 @@ def _swiglu_gemm(kernel, opts, dtype, device="cpu", **config):
     gate, up = pre[:, :inter], pre[:, inter:]
     expected = (gate * torch.sigmoid(gate)).to(dtype).double() * up
 
-    cfg = _config(kernel, opts.get("block_n", 32), opts.get("block_k", 32), opts.get("persistent", 0), **config)
+    cfg = _case_config(kernel, opts, **config)
     act = torch.full((num_rows, inter), float("nan"), dtype=dtype, device=device)
     h = torch.full((num_rows, 2 * inter), float("nan"), dtype=dtype, device=device) if opts.get("h_out") else None
     b = b._replace(codes=b.codes.to(device), absmax=b.absmax.to(device)) if opts.get("nf4") else b.to(device)
@@ -258,7 +265,7 @@ def _dswiglu_gemm(kernel, opts, dtype, device="cpu", **config):
     expected = (torch.cat([d_gate, ref_g * w * gate * sig], 1) * valid, act * w * valid, torch.zeros(num_rows).double())
     expected[2][sort_idx] = (ref_g * act).sum(1)
 
-    cfg = _config(kernel, opts.get("block_n", 32), opts.get("block_k", 32), opts.get("persistent", 0), **config)
+    cfg = _case_config(kernel, opts, **config)
     b = b._replace(codes=b.codes.to(device), absmax=b.absmax.to(device)) if opts.get("nf4") else b.to(device)
     grad_out, h, weights = grad_out.to(device), h.to(device), weights.to(device)
     runs = []
