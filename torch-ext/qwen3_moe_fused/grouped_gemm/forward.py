@@ -83,6 +83,21 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
         return tl.dot(a, b, acc)
 
 
+@triton.jit
+def _tile_rows(pid_m, expert, tile_row_start_ptr, expert_offsets_ptr, gather_ptr, a_ptr, stride_am, stride_ak,
+               BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """The sorted rows of row tile pid_m (of `expert`), their mask (rows of the expert) and the
+    pointers of the first K block of their A rows (gathered by token when gather_ptr is given)."""
+    row_start = tl.load(tile_row_start_ptr + pid_m)
+    row_end = tl.load(expert_offsets_ptr + expert + 1)
+    rows = row_start + tl.arange(0, BLOCK_M)
+    row_mask = rows < row_end
+    if gather_ptr is not None:
+        a_rows = tl.load(gather_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    else:
+        a_rows = rows.to(tl.int64)
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + tl.arange(0, BLOCK_K)[None, :] * stride_ak
+    return rows, row_mask, a_ptrs
 
 
 @triton.jit
@@ -276,15 +291,10 @@ def _swiglu_tile(
     pid_m, pid_n = _tile_position(tile, num_tiles_m, N, BLOCK_N, GROUP_M)
     expert = tl.load(tile_expert_ptr + pid_m)
     if expert >= 0:  # else past the last used tile
-        row_start = tl.load(tile_row_start_ptr + pid_m)
-        row_end = tl.load(expert_offsets_ptr + expert + 1)
-        rows = row_start + tl.arange(0, BLOCK_M)
-        row_mask = rows < row_end
-        if gather_ptr is not None:
-            a_rows = tl.load(gather_ptr + rows, mask=row_mask, other=0).to(tl.int64)
-        else:
-            a_rows = rows.to(tl.int64)
-        a_ptrs = a_ptr + a_rows[:, None] * stride_am + tl.arange(0, BLOCK_K)[None, :] * stride_ak
+        rows, row_mask, a_ptrs = _tile_rows(
+            pid_m, expert, tile_row_start_ptr, expert_offsets_ptr, gather_ptr, a_ptr, stride_am, stride_ak,
+            BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K,
+        )  # fmt: skip
         acc, acc_up = _mainloop(
             a_ptrs, row_mask, K, stride_ak, b_ptr, b_desc, b_rows, absmax_ptr, code_ptr, expert, pid_n, N,
             stride_be, stride_bn, stride_bk, IEEE=IEEE, SWIGLU=True, NF4_PAIRS=NF4_PAIRS,
@@ -387,15 +397,10 @@ def _gemm_tile(
     pid_m, pid_n = _tile_position(tile, num_tiles_m, N, BLOCK_N, GROUP_M)
     expert = tl.load(tile_expert_ptr + pid_m)
     if expert >= 0:  # else past the last used tile
-        row_start = tl.load(tile_row_start_ptr + pid_m)
-        row_end = tl.load(expert_offsets_ptr + expert + 1)
-        rows = row_start + tl.arange(0, BLOCK_M)
-        row_mask = rows < row_end
-        if gather_ptr is not None:
-            a_rows = tl.load(gather_ptr + rows, mask=row_mask, other=0).to(tl.int64)
-        else:
-            a_rows = rows.to(tl.int64)
-        a_ptrs = a_ptr + a_rows[:, None] * stride_am + tl.arange(0, BLOCK_K)[None, :] * stride_ak
+        rows, row_mask, a_ptrs = _tile_rows(
+            pid_m, expert, tile_row_start_ptr, expert_offsets_ptr, gather_ptr, a_ptr, stride_am, stride_ak,
+            BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K,
+        )  # fmt: skip
         acc, _ = _mainloop(
             a_ptrs, row_mask, K, stride_ak, b_ptr, b_desc, b_rows, absmax_ptr, code_ptr, expert, pid_n, N,
             stride_be, stride_bn, stride_bk, IEEE=IEEE, SWIGLU=False, NF4_PAIRS=NF4_PAIRS,
@@ -498,15 +503,10 @@ def _dswiglu_tile(
     pid_m, pid_n = _tile_position(tile, num_tiles_m, N, BLOCK_N, GROUP_M)
     expert = tl.load(tile_expert_ptr + pid_m)
     if expert >= 0:  # else past the last used tile
-        row_start = tl.load(tile_row_start_ptr + pid_m)
-        row_end = tl.load(expert_offsets_ptr + expert + 1)
-        rows = row_start + tl.arange(0, BLOCK_M)
-        row_mask = rows < row_end
-        if gather_ptr is not None:
-            a_rows = tl.load(gather_ptr + rows, mask=row_mask, other=0).to(tl.int64)
-        else:
-            a_rows = rows.to(tl.int64)
-        a_ptrs = a_ptr + a_rows[:, None] * stride_am + tl.arange(0, BLOCK_K)[None, :] * stride_ak
+        rows, row_mask, a_ptrs = _tile_rows(
+            pid_m, expert, tile_row_start_ptr, expert_offsets_ptr, gather_ptr, a_ptr, stride_am, stride_ak,
+            BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K,
+        )  # fmt: skip
         acc, _ = _mainloop(
             a_ptrs, row_mask, K, stride_ak, b_ptr, b_desc, b_rows, absmax_ptr, code_ptr, expert, pid_n, N,
             stride_be, stride_bn, stride_bk, IEEE=IEEE, SWIGLU=False, NF4_PAIRS=NF4_PAIRS,
