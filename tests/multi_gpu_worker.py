@@ -239,8 +239,8 @@ def _eval_loss(model, batch):
 def _reshard(model):
     """FSDP2 keeps some parameters unsharded after a forward, for the backward (the root
     module's; with DistributedConfig(fsdp_size=N) also the final norm + lm_head group): after a
-    forward without backward, reshard them, or model.parameters() (the optimizer) and the state
-    dict hold the unsharded tensors instead of the sharded parameters."""
+    forward without backward, reshard them, or model.parameters() holds the unsharded tensors:
+    an optimizer built then never trains them, and get_optimizer_state_dict raises KeyError."""
     from torch.distributed.fsdp import FSDPModule
 
     for module in model.modules():
@@ -317,7 +317,8 @@ def _save_load_fsdp2_full(checkpoint, folder, model, optimizer, result):
         set_optimizer_state_dict,
     )
 
-    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=folder)
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    dcp.save(state, checkpoint_id=folder)  # every rank writes its shards
 
     fresh = build(checkpoint, "fsdp2", "kernelize", "full", distributed=True)
     fresh_optimizer = torch.optim.AdamW([p for p in fresh.parameters() if p.requires_grad], lr=1e-2)
@@ -372,7 +373,8 @@ def _save_load_adapter(checkpoint, folder, model, variant, result):
         result["saved_keys"] = sorted(adapter_state)
         loaded = PeftModel.from_pretrained(_plain_model(checkpoint, variant), folder)
         result["one_process_loss"] = _eval_loss(loaded.eval(), _eval_batch())
-        result["one_process_params"] = {_clean(n): p.detach().clone() for n, p in loaded.named_parameters() if ".lora_" in n}
+        lora = {n: p for n, p in loaded.named_parameters() if ".lora_" in n}
+        result["one_process_params"] = {_clean(n): p.detach().clone() for n, p in lora.items()}
 
 
 def _eval_batch():
