@@ -28,8 +28,9 @@ interpreter (float32); tests/test_multi_gpu_example.py runs it with 2 ranks:
 
     torchrun --standalone --nproc_per_node 2 examples/train_multi_gpu.py --tiny --mode ep --finetune lora
 
-With LoRA, rank 0 saves the adapter and checks that it loads into a plain one-process PEFT
-model (no kernel, Transformers' eager experts) with the loss the trained model gives.
+With LoRA under --mode ep or fsdp2, rank 0 saves the adapter (docs/multi_gpu.md, "Checkpoints")
+and checks that it loads into a plain one-process PEFT model (no kernel, Transformers' eager
+experts) with the loss the trained model gives.
 """
 
 import argparse
@@ -162,14 +163,28 @@ def main():
         if rank == 0:
             print(f"step {step}: loss {loss.item():.4f}", flush=True)
 
-    if args.finetune != "full" and args.mode == "ep":
+    if args.finetune != "full" and args.mode in ("ep", "fsdp2"):
         check = batch(vocab, 2, args.seq_len, 12345, device)
         with torch.no_grad():
             trained_loss = trained(**check).loss.item()
         out = Path(args.out or f"{tmp_name}/adapter")
-        # Expert-parallel LoRA factors are whole on every rank (their gradients summed over the ranks);
-        # every rank takes part (saving reads the sharded model), rank 0 writes.
-        model.save_pretrained(out, is_main_process=rank == 0)
+        if args.mode == "fsdp2":
+            # The LoRA factors are DTensor shards, which PEFT cannot write: gather the trainable
+            # parameters (the adapter only) to rank 0, every rank taking part, then rank 0 writes.
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+            from torch.distributed.fsdp import FSDPModule
+
+            for module in trained.modules():  # the forward above left the root's parameters unsharded
+                if isinstance(module, FSDPModule):
+                    module.reshard()
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+            adapter = get_model_state_dict(trained, options=options)  # {} on ranks > 0
+            if rank == 0:
+                model.save_pretrained(out, state_dict=adapter)
+        else:
+            # Expert-parallel LoRA factors are whole on every rank (their gradients summed over the ranks);
+            # every rank takes part (saving reads the sharded model), rank 0 writes.
+            model.save_pretrained(out, is_main_process=rank == 0)
         if rank == 0:
             if args.finetune == "lora":
                 from peft import PeftModel

@@ -16,7 +16,13 @@ A CASE is "mode:path:variant":
 For each case every rank runs one forward + backward of the tiny model on its share of a fixed
 batch; rank 0 also runs the same model in one process (no process group) on the whole batch.
 Rank 0 writes OUT/CASE.pt: {"loss", "grads" (full tensors by parameter name), "ref_loss",
-"ref_grads"} or {"error": message}. "save:..." cases also save and reload checkpoints.
+"ref_grads"} or {"error": message}.
+
+A "save:MODE:VARIANT" case (MODE fsdp2 or hf-fsdp2, the kernelized block) trains one AdamW
+step, saves a checkpoint the way docs/multi_gpu.md says (MODE fsdp2, full: torch DCP of model
+and optimizer; hf-fsdp2: save_pretrained, gathered and distributed_checkpoint=True; lora /
+qlora: the adapter gathered, then PEFT's save_pretrained on rank 0), loads it back and writes
+the losses of the whole eval batch (see run_save_case).
 """
 
 import copy
@@ -214,6 +220,196 @@ def run_case(checkpoint, case):
     return result
 
 
+# ---------------------------------------------------------------- checkpoints
+
+
+def _eval_loss(model, batch):
+    """Loss of the whole eval batch (every rank runs all of it: the sharded model gives the loss
+    one process gives), no gradients."""
+    input_ids, attention_mask, labels = batch
+    with torch.no_grad():
+        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss.detach()
+    _reshard(model)
+    if dist.is_initialized() and _is_sharded(model):
+        dist.all_reduce(loss)
+        loss /= dist.get_world_size()
+    return loss
+
+
+def _reshard(model):
+    """FSDP2 keeps some parameters unsharded after a forward, for the backward (the root
+    module's; with DistributedConfig(fsdp_size=N) also the final norm + lm_head group): after a
+    forward without backward, reshard them, or model.parameters() holds the unsharded tensors:
+    an optimizer built then never trains them, and get_optimizer_state_dict raises KeyError."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def _is_sharded(model):
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def full_params(model, trainable_only=False):
+    """{name: full tensor} of the parameters (a collective: every rank calls it)."""
+    return {
+        _clean(n): _full(p).detach().clone()
+        for n, p in model.named_parameters()
+        if p.requires_grad or not trainable_only
+    }
+
+
+def _train_one_step(model, rank):
+    """One AdamW step on this rank's row of the training batch; -> the optimizer."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    input_ids, attention_mask, labels = sample_batch(TINY_CONFIG["vocab_size"], batch=2, seq_len=11)
+    _step(model, [(input_ids[rank : rank + 1], attention_mask[rank : rank + 1], labels[rank : rank + 1])])
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return optimizer
+
+
+def _optimizer_mismatches(a, b):
+    """(tensors of optimizer state compared, how many differ), over all ranks (each compares its shards)."""
+    compared = torch.zeros(2, dtype=torch.int64)
+    pa = [p for group in a.param_groups for p in group["params"]]
+    pb = [p for group in b.param_groups for p in group["params"]]
+    for x, y in zip(pa, pb, strict=True):
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            left, right = _local(a.state[x][key]), _local(b.state[y][key])
+            compared += torch.tensor([1, int(not torch.equal(left, right))])
+    dist.all_reduce(compared)
+    return compared.tolist()
+
+
+def _local(t):
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _plain_model(checkpoint, variant):
+    """The model of one process, no process group involved: Transformers' eager experts, or
+    (qlora) the kernelized block with the same 4-bit experts (quantizing is deterministic)."""
+    from kernels import Mode
+    from transformers import Qwen3MoeForCausalLM
+
+    model = Qwen3MoeForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, experts_implementation="eager")
+    if variant == "qlora":
+        for block in moe_blocks(model):
+            kernelize_moe(block, Mode.TRAINING)
+        _kernel().quantize_experts_4bit(model)
+    return model.eval()
+
+
+def _save_load_fsdp2_full(checkpoint, folder, model, optimizer, result):
+    """torch DCP: sharded model + optimizer state, loaded into a fresh sharded model; and the
+    same files loaded by one process (no_dist) into a plain model."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    dcp.save(state, checkpoint_id=folder)  # every rank writes its shards
+
+    fresh = build(checkpoint, "fsdp2", "kernelize", "full", distributed=True)
+    fresh_optimizer = torch.optim.AdamW([p for p in fresh.parameters() if p.requires_grad], lr=1e-2)
+    result["fresh_loss"] = _eval_loss(fresh, _eval_batch())  # before loading: must differ
+    state = {"model": get_model_state_dict(fresh), "optim": get_optimizer_state_dict(fresh, fresh_optimizer)}
+    dcp.load(state, checkpoint_id=folder)
+    set_model_state_dict(fresh, state["model"])
+    set_optimizer_state_dict(fresh, fresh_optimizer, state["optim"])
+    result["reloaded_loss"] = _eval_loss(fresh, _eval_batch())
+    result["reloaded_params"] = full_params(fresh)
+    result["optimizer_compared"], result["optimizer_mismatches"] = _optimizer_mismatches(optimizer, fresh_optimizer)
+
+    if dist.get_rank() == 0:  # one process reads the sharded files (no collectives)
+        plain = _plain_model(checkpoint, "full")
+        plain_state = plain.state_dict()
+        dcp.load({"model": plain_state}, checkpoint_id=folder, no_dist=True)
+        plain.load_state_dict(plain_state)
+        result["one_process_loss"] = _eval_loss(plain, _eval_batch())
+
+
+def _save_load_hf_fsdp2_full(checkpoint, folder, model, result):
+    """Transformers' save_pretrained of a DistributedConfig(fsdp_size=2) model: gathered (rank 0
+    writes the Hub layout) and distributed_checkpoint=True (DCP files of every rank)."""
+    import shutil
+
+    from transformers.distributed.checkpoint import consolidate_distributed_checkpoint
+
+    gathered, sharded = folder / "gathered", folder / "sharded"
+    model.save_pretrained(gathered)
+    model.save_pretrained(sharded, distributed_checkpoint=True)
+    reloaded = build(sharded, "hf-fsdp2", "kernelize", "full", distributed=True)  # DCP load, sharded
+    result["reloaded_loss"] = _eval_loss(reloaded, _eval_batch())
+    result["reloaded_params"] = full_params(reloaded)
+    if dist.get_rank() == 0:
+        result["one_process_loss"] = _eval_loss(_plain_model(gathered, "full"), _eval_batch())
+        consolidated = folder / "consolidated"
+        consolidate_distributed_checkpoint(sharded, consolidated)
+        shutil.copy(sharded / "config.json", consolidated / "config.json")
+        result["consolidated_loss"] = _eval_loss(_plain_model(consolidated, "full"), _eval_batch())
+
+
+def _save_load_adapter(checkpoint, folder, model, variant, result):
+    """The adapter of a fully_shard model: gather the trainable parameters (full tensors on rank
+    0), PEFT's save_pretrained writes them; a plain one-process PEFT model loads them."""
+    from peft import PeftModel
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    adapter_state = get_model_state_dict(model, options=options)  # every rank; {} on ranks > 0
+    if dist.get_rank() == 0:
+        model.save_pretrained(folder, state_dict=adapter_state)
+        result["saved_keys"] = sorted(adapter_state)
+        loaded = PeftModel.from_pretrained(_plain_model(checkpoint, variant), folder)
+        result["one_process_loss"] = _eval_loss(loaded.eval(), _eval_batch())
+        lora = {n: p for n, p in loaded.named_parameters() if ".lora_" in n}
+        result["one_process_params"] = {_clean(n): p.detach().clone() for n, p in lora.items()}
+
+
+def _eval_batch():
+    return sample_batch(TINY_CONFIG["vocab_size"], batch=2, seq_len=11, seed=2)
+
+
+def run_save_case(checkpoint, out, case):
+    """Train one step, save, load back. Rank 0 returns {"initial_loss" (before the step),
+    "loss" (after), "params" (full, after), then per recipe "reloaded_loss" / "reloaded_params"
+    (a fresh sharded model loaded from the files), "one_process_loss" (a plain model of one
+    process loaded from them), ...}; see the _save_load_* functions."""
+    _, mode, variant = case.split(":")
+    rank = dist.get_rank()
+    folder = [str(Path(out) / f"ckpt-{case.replace(':', '_')}")]
+    dist.broadcast_object_list(folder)
+    folder = Path(folder[0])
+    model = build(checkpoint, mode, "kernelize", variant, distributed=True)
+    result = {"initial_loss": _eval_loss(model, _eval_batch())}
+    result["initial_params"] = full_params(model, trainable_only=variant != "full")
+    optimizer = _train_one_step(model, rank)
+    if variant != "full" and mode in UNMANAGED_PEFT:
+        raise ValueError(f"{case}: not a recipe of docs/multi_gpu.md")
+    result["loss"] = _eval_loss(model, _eval_batch())
+    result["params"] = full_params(model, trainable_only=variant != "full")
+    if mode == "fsdp2" and variant == "full":
+        _save_load_fsdp2_full(checkpoint, folder, model, optimizer, result)
+    elif mode == "hf-fsdp2" and variant == "full":
+        _save_load_hf_fsdp2_full(checkpoint, folder, model, result)
+    elif mode == "fsdp2":
+        _save_load_adapter(checkpoint, folder, model, variant, result)
+    else:
+        raise ValueError(f"unknown save case {case}")
+    return result
+
+
 def main():
     checkpoint, out, *cases = sys.argv[1:]
     dist.init_process_group("gloo")
@@ -224,7 +420,7 @@ def main():
     _kernel()
     for case in cases:
         try:
-            result = run_case(checkpoint, case)
+            result = run_save_case(checkpoint, out, case) if case.startswith("save:") else run_case(checkpoint, case)
         except Exception as error:  # recorded: the test says which case failed and why
             result = {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
         if dist.get_rank() == 0:

@@ -5,6 +5,11 @@ loss and the gradient of every trainable parameter (full tensors, gathered from 
 One torchrun runs every case (tests/multi_gpu_worker.py, which documents the case names);
 each test below reads its case's result. Modes that cannot work raise a clear error, checked
 here by its message. docs/multi_gpu.md lists the modes.
+
+Checkpoints (the "save:" cases of the worker, one more torchrun): train one AdamW step on the
+2 ranks, save as docs/multi_gpu.md "Checkpoints" says, load back into a fresh sharded model
+(same parameters, same loss) and into a plain model of one process (same loss as the sharded
+one within float32 tolerance: the plain model runs Transformers' eager experts).
 """
 
 import os
@@ -110,3 +115,68 @@ def test_unsupported_combination_raises(results, case):
 @pytest.mark.xfail(strict=True, reason="Transformers 5.22.2: expert gradients halved under fsdp_size=2, ep_size=2")
 def test_transformers_fsdp_ep_full_finetuning(results, case):
     _assert_matches_one_process(results[case])
+
+
+# ---------------------------------------------------------------- checkpoints
+
+SAVES = ["save:fsdp2:full", "save:hf-fsdp2:full", "save:fsdp2:lora", "save:fsdp2:qlora"]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Every checkpoint case in one torchrun of 2 ranks; -> {case: result}."""
+    tmp = tmp_path_factory.mktemp("multi-gpu-checkpoints")
+    write_tiny_checkpoint(tmp / "checkpoint")
+    return _torchrun(tmp / "checkpoint", tmp, SAVES)
+
+
+def _assert_trained(result):
+    """No error, and the step changed the loss and every trainable parameter (else saving the
+    initial model would pass)."""
+    assert "error" not in result, result.get("traceback", result.get("error"))
+    assert rel_err(result["loss"], result["initial_loss"]) > 1e-4, "the step did not change the loss"
+    unchanged = [n for n, p in result["params"].items() if torch.equal(p, result["initial_params"][n])]
+    assert result["params"] and not unchanged, f"not trained: {unchanged}"
+
+
+def _assert_same_params(params, loaded):
+    assert loaded.keys() == params.keys(), sorted(loaded.keys() ^ params.keys())
+    differ = [n for n, p in params.items() if not torch.equal(loaded[n], p)]
+    assert not differ, f"loaded parameters differ: {differ}"
+
+
+def test_fsdp2_dcp_checkpoint(saved):
+    """fully_shard + torch DCP: model and optimizer state back into a fresh sharded model; the
+    same files into a plain model of one process (dcp.load(..., no_dist=True))."""
+    result = saved["save:fsdp2:full"]
+    _assert_trained(result)
+    assert rel_err(result["fresh_loss"], result["loss"]) > 1e-4, "the fresh model already had the trained weights"
+    _assert_same_params(result["params"], result["reloaded_params"])
+    assert result["reloaded_loss"] == result["loss"]
+    compared, mismatches = result["optimizer_compared"], result["optimizer_mismatches"]
+    assert compared == 2 * 3 * len(result["params"]) and mismatches == 0, (compared, mismatches)  # 2 ranks
+    assert rel_err(result["one_process_loss"], result["loss"]) <= RTOL
+
+
+def test_transformers_fsdp2_save_pretrained(saved):
+    """DistributedConfig(fsdp_size=2): save_pretrained (gathered, the Hub layout) loads into one
+    process; save_pretrained(distributed_checkpoint=True) loads back sharded with from_pretrained
+    and, consolidated, into one process."""
+    result = saved["save:hf-fsdp2:full"]
+    _assert_trained(result)
+    _assert_same_params(result["params"], result["reloaded_params"])
+    assert result["reloaded_loss"] == result["loss"]
+    assert rel_err(result["one_process_loss"], result["loss"]) <= RTOL, "gathered save_pretrained"
+    assert rel_err(result["consolidated_loss"], result["loss"]) <= RTOL, "distributed_checkpoint, consolidated"
+
+
+@pytest.mark.parametrize("case", ["save:fsdp2:lora", "save:fsdp2:qlora"])
+def test_fsdp2_adapter_loads_into_one_process(saved, case):
+    """The adapter of a fully_shard PEFT model (qlora: 4-bit experts in ignored_params),
+    gathered and written by PEFT's save_pretrained on rank 0, loads into a plain PEFT model."""
+    result = saved[case]
+    _assert_trained(result)
+    assert result["saved_keys"] and all(".lora_" in key for key in result["saved_keys"]), result["saved_keys"]
+    assert len(result["saved_keys"]) == len(result["params"])
+    _assert_same_params(result["params"], result["one_process_params"])
+    assert rel_err(result["one_process_loss"], result["loss"]) <= RTOL
