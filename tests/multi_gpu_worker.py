@@ -423,6 +423,8 @@ def main():
             result = run_save_case(checkpoint, out, case) if case.startswith("save:") else run_case(checkpoint, case)
         except Exception as error:  # recorded: the test says which case failed and why
             result = {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
+            # On stderr too: when one rank fails alone, the other waits in a collective and never saves.
+            print(f"rank {dist.get_rank()} case {case}:\n{result['traceback']}", file=sys.stderr, flush=True)
         if dist.get_rank() == 0:
             torch.save(result, Path(out) / f"{case.replace(':', '_')}.pt")
         dist.barrier()

@@ -344,3 +344,21 @@ def test_gpu_block_bf16_real_shapes(kernel, name, hidden, inter, experts, top_k,
     for block in (copy.deepcopy(ref), joined):
         for a, b in zip(run(block, layer.forward), expected):
             assert rel_err(a, b) <= 2e-2, rel_err(a, b)
+
+
+def test_experts_implementation_lora_two_forwards_one_backward(kernel, checkpoints):
+    """Gradient accumulation without a backward in between (two forwards, one backward) through
+    experts_implementation + PEFT LoRA: PEFT re-registers its parametrization on every forward,
+    which bumps the frozen base tensor's version; the first forward's backward must still run,
+    and give the sum of the two steps' gradients, as PEFT's own path does."""
+    ref, ours = _peft_pair(kernel, "qwen3_5_moe", checkpoints, _lora_config(), "experts_implementation")
+    input_ids, attention_mask, labels = _batch()
+    grads = []
+    for model in (ref, ours):
+        model.zero_grad(set_to_none=True)
+        loss = sum(model(input_ids=input_ids[i : i + 1], labels=labels[i : i + 1]).loss for i in range(2))
+        loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name, expected in grads[0].items():
+        assert rel_err(grads[1][name], expected) <= 1e-5, name

@@ -16,7 +16,6 @@ distinct batches that group holds, as Transformers does for the expert weights.
 """
 
 import contextlib
-import contextvars
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +26,7 @@ try:
 except ImportError:  # torch built without distributed
     DTensor = FSDPModule = ()
 
-_HANDED_LORA = contextvars.ContextVar("qwen3_moe_fused_handed_lora", default=None)
+_HANDED_LORA = "_qwen3_moe_fused_handed_lora"  # attribute of the experts module while the block hands LoRA
 
 
 def is_dtensor(t) -> bool:
@@ -118,18 +117,20 @@ def local_lora(lora, weight: Tensor, experts: nn.Module):
 
 @contextlib.contextmanager
 def _handing(experts: nn.Module, gate_up_lora, down_lora):
-    handed = {"experts": experts, "lora": (gate_up_lora, down_lora), "taken": False}
-    token = _HANDED_LORA.set(handed)
+    # A plain attribute of the experts module (not a ContextVar): take_lora runs on every call of
+    # experts_forward, also under torch.compile, and Dynamo traces a module attribute read.
+    handed = {"lora": (gate_up_lora, down_lora), "taken": False}
+    experts.__dict__[_HANDED_LORA] = handed
     try:
         yield handed
     finally:
-        _HANDED_LORA.reset(token)
+        experts.__dict__.pop(_HANDED_LORA, None)
 
 
 def take_lora(experts: nn.Module):
     """(gate_up_lora, down_lora) handed by the block for this experts module, or None."""
-    handed = _HANDED_LORA.get()
-    if handed is None or handed["experts"] is not experts:
+    handed = getattr(experts, _HANDED_LORA, None)
+    if handed is None:
         return None
     handed["taken"] = True
     return handed["lora"]

@@ -88,6 +88,12 @@ def parametrized_lora(module: nn.Module, name: str) -> tuple[torch.Tensor, tuple
     if proxy is not None and all(hasattr(proxy, attr) for attr in ("lhs", "rhs", "scaling")):
         lhs, rhs = proxy.lhs, proxy.rhs
         if lhs.dim() == 3 and lhs.shape[:2] == shape[:2] and rhs.shape[2] == shape[2]:
+            if not weight.requires_grad:
+                # Each PEFT forward registers the parametrization again, which set_()s the original
+                # tensor to itself: a version bump that would fail the backward of an earlier forward
+                # (two forwards, one backward). A frozen base needs no autograd: its .data does not
+                # share the version counter.
+                weight = weight.data
             return weight, (rhs, (lhs * proxy.scaling).contiguous())
     return getattr(module, name), None
 
