@@ -81,12 +81,14 @@ _FORWARD_HELP = (
     "only qwen3_moe_fused's kernels read it: kernelize the model with the qwen3_moe_fused layer, or load it "
     'with experts_implementation="qwen3_moe_fused" (Transformers\' own experts forward cannot run 4-bit experts)'
 )
-_SAVE_HELP = (
-    "save_pretrained cannot write 4-bit experts in Transformers' checkpoint layout. Save the LoRA adapter with "
-    "peft_model.save_pretrained(path) (the base model reloads and quantizes the same bytes), the whole model "
-    "losslessly with safetensors.torch.save_model(model, path) and load it with quantize_experts_4bit(model, "
-    "blocksize=...) then safetensors.torch.load_model(model, path), or a 16-bit checkpoint with "
-    "dequantize_experts_4bit(model).save_pretrained(path)"
+_SPLIT_HELP = (
+    "4-bit experts cannot be split. From save_pretrained (Transformers' checkpoint layout): save the LoRA "
+    "adapter with peft_model.save_pretrained(path) (the base model reloads and quantizes the same bytes), the "
+    "whole model losslessly with safetensors.torch.save_model(model, path) and load it with "
+    "quantize_experts_4bit(model, blocksize=...) then safetensors.torch.load_model(model, path), or a 16-bit "
+    "checkpoint with dequantize_experts_4bit(model).save_pretrained(path). From FSDP2 (fully_shard): keep the "
+    "4-bit expert tensors out of it with fully_shard(..., ignored_params={p for p in model.parameters() "
+    "if p.dtype == torch.uint8})"
 )
 _MERGE_HELP = (
     "merging LoRA into 4-bit experts is not supported (NF4 cannot hold W + BA without a lossy requantization): "
@@ -98,8 +100,8 @@ _DENSE_OPS = {
     torch.Tensor.transpose: _FORWARD_HELP, torch.transpose: _FORWARD_HELP, torch.Tensor.permute: _FORWARD_HELP,
     torch.permute: _FORWARD_HELP, torch.nn.functional.linear: _FORWARD_HELP, torch.matmul: _FORWARD_HELP,
     torch.Tensor.__matmul__: _FORWARD_HELP, torch.bmm: _FORWARD_HELP, torch.einsum: _FORWARD_HELP,
-    torch.chunk: _SAVE_HELP, torch.Tensor.chunk: _SAVE_HELP, torch.split: _SAVE_HELP,
-    torch.Tensor.split: _SAVE_HELP, torch.unbind: _SAVE_HELP, torch.Tensor.unbind: _SAVE_HELP,
+    torch.chunk: _SPLIT_HELP, torch.Tensor.chunk: _SPLIT_HELP, torch.split: _SPLIT_HELP,
+    torch.Tensor.split: _SPLIT_HELP, torch.unbind: _SPLIT_HELP, torch.Tensor.unbind: _SPLIT_HELP,
 }  # fmt: skip
 if hasattr(torch, "_grouped_mm"):
     _DENSE_OPS[torch._grouped_mm] = _FORWARD_HELP
