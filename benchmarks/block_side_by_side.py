@@ -31,6 +31,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _load import load_kernel  # noqa: E402
+from lora_side_by_side import peak_mib  # noqa: E402
 
 CASES = {  # name: (H, I, E, K, tokens)
     "30b-t16384": (2048, 768, 128, 8, 16384),
@@ -58,15 +59,6 @@ def make_block(hidden, inter, experts, top_k, device, dtype):
 
 def rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-
-
-def peak_mib(fn):
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 # Our layer as shipped ("ours"), or with a backward option forced on (benchmarks/backward_options.py):

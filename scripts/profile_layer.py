@@ -12,7 +12,6 @@ import cProfile
 import io
 import pstats
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -20,18 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from _load import load_kernel  # noqa: E402
 from block_side_by_side import make_block  # noqa: E402
-
-
-def host_us(fn, calls):
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    elapsed = time.perf_counter() - start
-    torch.cuda.synchronize()
-    return 1e6 * elapsed / calls
+from host_overhead import host_us  # noqa: E402
 
 
 def main():
