@@ -25,6 +25,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import triton
@@ -33,28 +34,63 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _load import load_kernel  # noqa: E402
 from lora_side_by_side import peak_mib  # noqa: E402
 
-CASES = {  # name: (H, I, E, K, tokens)
-    "30b-t16384": (2048, 768, 128, 8, 16384),
-    "30b-t2048": (2048, 768, 128, 8, 2048),
-    "30b-t64": (2048, 768, 128, 8, 64),
-    "235b-t8192": (4096, 1536, 128, 8, 8192),
+# Transformers module, configuration class and block class of each family (the block class is
+# also the name of our layer).
+FAMILIES = {
+    "qwen3_moe": ("qwen3_moe", "Qwen3MoeConfig", "Qwen3MoeSparseMoeBlock"),
+    "qwen3_next": ("qwen3_next", "Qwen3NextConfig", "Qwen3NextSparseMoeBlock"),
+    "qwen3_5_moe": ("qwen3_5_moe", "Qwen3_5MoeTextConfig", "Qwen3_5MoeSparseMoeBlock"),
 }
 
 
-def make_block(hidden, inter, experts, top_k, device, dtype):
-    from transformers import Qwen3MoeConfig
-    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+class Case(NamedTuple):
+    family: str
+    hidden: int  # H
+    inter: int  # I, routed experts
+    experts: int  # E
+    top_k: int  # K
+    tokens: int
+    shared: int = 0  # shared expert's intermediate size (0: none)
 
-    config = Qwen3MoeConfig(hidden_size=hidden, moe_intermediate_size=inter, num_experts=experts,
-                            num_experts_per_tok=top_k, norm_topk_prob=True)  # fmt: skip
+
+CASES = {  # shapes as benchmarks/benchmark_moe.py's FAMILY_SHAPES
+    "30b-t16384": Case("qwen3_moe", 2048, 768, 128, 8, 16384),
+    "30b-t2048": Case("qwen3_moe", 2048, 768, 128, 8, 2048),
+    "30b-t64": Case("qwen3_moe", 2048, 768, 128, 8, 64),
+    "235b-t8192": Case("qwen3_moe", 4096, 1536, 128, 8, 8192),
+    "coder480b-t8192": Case("qwen3_moe", 6144, 2560, 160, 8, 8192),
+    "coder480b-t2048": Case("qwen3_moe", 6144, 2560, 160, 8, 2048),
+    "next80b-t16384": Case("qwen3_next", 2048, 512, 512, 10, 16384, 512),
+    "next80b-t2048": Case("qwen3_next", 2048, 512, 512, 10, 2048, 512),
+    "qwen3.5-35b-t16384": Case("qwen3_5_moe", 2048, 512, 256, 8, 16384, 512),
+    "qwen3.5-35b-t2048": Case("qwen3_5_moe", 2048, 512, 256, 8, 2048, 512),
+    "qwen3.5-397b-t8192": Case("qwen3_5_moe", 4096, 1024, 512, 10, 8192, 1024),
+    "qwen3.5-397b-t2048": Case("qwen3_5_moe", 4096, 1024, 512, 10, 2048, 1024),
+}
+
+
+def make_block(case: Case, device, dtype):
+    import importlib
+
+    module, config_cls, block_cls = FAMILIES[case.family]
+    configuration = importlib.import_module(f"transformers.models.{module}.configuration_{module}")
+    modeling = importlib.import_module(f"transformers.models.{module}.modeling_{module}")
+    shared = dict(shared_expert_intermediate_size=case.shared) if case.shared else {}
+    config = getattr(configuration, config_cls)(hidden_size=case.hidden, moe_intermediate_size=case.inter,
+                                                num_experts=case.experts, num_experts_per_tok=case.top_k,
+                                                norm_topk_prob=True, **shared)  # fmt: skip
     config._experts_implementation = "grouped_mm"
     torch.manual_seed(0)
-    block = Qwen3MoeSparseMoeBlock(config).to(device, dtype)
+    block = getattr(modeling, block_cls)(config).to(device, dtype)
     with torch.no_grad():
-        block.gate.weight.normal_(0, 0.02)
-        block.experts.gate_up_proj.normal_(0, hidden**-0.5)
-        block.experts.down_proj.normal_(0, inter**-0.5)
-    return block
+        for param in block.parameters():  # the router at 0.02, weights at 1 / sqrt(fan-in)
+            param.normal_(0, 0.02 if param is block.gate.weight else param.shape[-1] ** -0.5)
+    return block, block_cls
+
+
+def case_flops(case: Case) -> int:
+    """Forward FLOPs of the experts (routed and shared); forward+backward is 3x."""
+    return 2 * case.tokens * 3 * case.hidden * (case.top_k * case.inter + case.shared)
 
 
 def rel_err(a, b):
@@ -80,8 +116,9 @@ def _configure(kernel, impl):
 
 
 def run_case(name, kernel, impls, mode, repeats, device, dtype):
-    hidden, inter, experts, top_k, tokens = CASES[name]
-    block = make_block(hidden, inter, experts, top_k, device, dtype)
+    case = CASES[name]
+    hidden, tokens = case.hidden, case.tokens
+    block, block_cls = make_block(case, device, dtype)
     module, lora = block, mode != "full"
     config = block.experts.config  # read by the experts' forward on every call: switches the implementation
     if mode == "qlora":  # 4-bit experts: only our layer reads them
@@ -102,7 +139,7 @@ def run_case(name, kernel, impls, mode, repeats, device, dtype):
     targets = [p for p in module.parameters() if p.requires_grad]
     x = torch.randn(1, tokens, hidden, device=device, dtype=dtype, requires_grad=True)
     grad_out = torch.randn(1, tokens, hidden, device=device, dtype=dtype)
-    layer_forward = kernel.layers.Qwen3MoeSparseMoeBlock.forward
+    layer_forward = getattr(kernel.layers, block_cls).forward
 
 
     def forward_of(impl):
@@ -133,7 +170,7 @@ def run_case(name, kernel, impls, mode, repeats, device, dtype):
                 ref = (out, grads)
             row["rel_err_out"] = rel_err(out, ref[0])
             row["rel_err_grads"] = max(rel_err(a, b) for a, b in zip(grads, ref[1]))
-            flops = 2 * tokens * top_k * 3 * hidden * inter
+            flops = case_flops(case)
             row["fwd_tflops"], row["fwd_bwd_tflops"] = flops / row["fwd_ms"] / 1e9, 3 * flops / row["fwd_bwd_ms"] / 1e9
         except Exception as e:  # one implementation failing must not lose the others' numbers
             row = dict(case=name, lora=lora, mode=mode, impl=impl, tokens=tokens, error=f"{type(e).__name__}: {str(e)[:300]}")

@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from _load import load_kernel  # noqa: E402
-from block_side_by_side import make_block  # noqa: E402
+from block_side_by_side import Case, make_block  # noqa: E402
 from host_overhead import host_us  # noqa: E402
 
 
@@ -28,7 +28,7 @@ def main():
     parser.add_argument("--calls", type=int, default=300)
     args = parser.parse_args()
     kernel = load_kernel()
-    block = make_block(2048, 768, 128, 8, torch.device("cuda"), torch.bfloat16)
+    block, _ = make_block(Case("qwen3_moe", 2048, 768, 128, 8, args.tokens), torch.device("cuda"), torch.bfloat16)
     x = torch.randn(1, args.tokens, 2048, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     flat = x.view(-1, 2048)
     layer = kernel.layers.Qwen3MoeSparseMoeBlock.forward

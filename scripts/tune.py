@@ -2,6 +2,7 @@
 
 Run on a CUDA machine after `python3 scripts/build.py` (it imports build/torch-cuda):
     python3 scripts/tune.py [--quick] [--shapes NAME ... | --family] [--tokens 1024 ...] [--only routed|dw|dswiglu]
+        [--from-shipped]
 Each GEMM kind of the MoE block is timed (triton.testing.do_bench, median) over a small
 candidate list for the Qwen3-30B-A3B and Qwen3-235B-A22B shapes (--shapes: any of SHAPES;
 --family: all of them, Qwen3-Coder / Next / 3.5 too), at a training and a decode token
@@ -85,7 +86,28 @@ def dw_candidates():
                            persistent=persistent)  # fmt: skip
 
 
+# --from-shipped: {(kind, decode row tile?): configs} already in the device's JSON file; each key
+# is then tuned over those (they won for other shapes and row tiles of the same class) instead
+# of the whole candidate list.
+SHIPPED_CANDIDATES = {}
+
+
+def _tile_class(key: str) -> tuple[str, bool]:
+    kind, *_, bm = key.split(" ")[0].split("|")
+    return kind, int(bm.removeprefix("BM=")) <= 32
+
+
+def _shipped_candidates(configs: dict) -> dict:
+    found = {}
+    for key, cfg in configs.items():
+        found.setdefault(_tile_class(key), set()).add(cfg)
+    return found
+
+
 def best(name, launch, candidates, log):
+    shipped = SHIPPED_CANDIDATES.get(_tile_class(name))
+    if shipped:
+        candidates = sorted(shipped, key=str)
     results = []
     for cfg in candidates:
         try:
@@ -195,11 +217,15 @@ def main():
                         "backward (down_dx_swiglu), at the training token count")  # fmt: skip
     parser.add_argument("--tokens", type=int, nargs="+", help="token counts to tune at (default: the training "
                         "count, 16384 for 30B-A3B and 8192 for 235B-A22B, and 16 for decode)")  # fmt: skip
+    parser.add_argument("--from-shipped", action="store_true", help="try only the configs the device's JSON "
+                        "already holds for the same GEMM kind and row tile (fewer compiles: for new shapes)")  # fmt: skip
     parser.add_argument("--log", default=os.path.join(os.environ.get("OUT", "/tmp"), "tune.log"))
     args = parser.parse_args()
     name = tuning.device_key(torch.cuda.get_device_name())
     path = os.path.join(ROOT, "torch-ext", "qwen3_moe_fused", "configs", f"{name}.json")
     configs = tuning.parse_configs(json.load(open(path))) if os.path.exists(path) else {}
+    if args.from_shipped:
+        SHIPPED_CANDIDATES.update(_shipped_candidates(configs))
     start = time.time()
 
     def save():  # after each key: a partial run still leaves its results
