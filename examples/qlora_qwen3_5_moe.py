@@ -6,7 +6,7 @@
 As examples/qlora_qwen3_30b_a3b.py, for `Qwen3_5MoeForCausalLM`: the model is built from
 its configuration with random weights on the device (no download), one decoder layer at a
 time, each quantized before the next exists: the routed experts to NF4 with the kernel's
-`quantize_experts_4bit`, every linear layer of the attention (full and Gated DeltaNet) to
+`quantize_experts_4bit` (blocksize 128), every linear layer of the attention (full and Gated DeltaNet) to
 bitsandbytes' `Linear4bit`; the shared expert and its gate stay bf16. `kernelize` swaps the
 `Qwen3_5MoeSparseMoeBlock`s for the package's layer; PEFT adds LoRA with rslora (r = 4 on the
 routed experts through `target_parameters`, r = 16 on attention and the shared expert); then
@@ -26,6 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_CACHE", str(ROOT / "build" / "hub-cache"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Growable segments: less memory lost to fragmentation under the cap (set before CUDA starts).
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 import torch  # noqa: E402
 import torch.utils.checkpoint  # noqa: E402
@@ -62,6 +64,7 @@ TINY = dict(
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 SHARED = ("shared_expert.gate_proj", "shared_expert.up_proj", "shared_expert.down_proj")
 EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+EXPERTS_BLOCKSIZE = 128
 
 
 def linear_4bit(linear: nn.Linear, device) -> nn.Module:
@@ -123,7 +126,9 @@ def build_model(config, kernel, device, dtype) -> Qwen3_5MoeForCausalLM:
     model.model.rotary_emb = Qwen3_5MoeTextRotaryEmbedding(config).to(device)  # its buffers were on meta
     for layer in model.model.layers:
         init_weights(layer, device)
-        kernel.quantize_experts_4bit(layer.mlp)  # 16-bit experts of one layer exist at a time
+        # 16-bit experts of one layer exist at a time. Blocksize 128: the absmax scales are float32
+        # (no double quantization), 2 GiB for the 32 B expert weights at 64, 1 GiB at 128.
+        kernel.quantize_experts_4bit(layer.mlp, blocksize=EXPERTS_BLOCKSIZE)
         quantize_attention(layer, device)
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -156,7 +161,9 @@ def main():
     t0 = time.perf_counter()
     model = build_model(config, kernel, device, dtype)
     print(f"built {'tiny ' if args.tiny else ''}Qwen3.6-35B-A3B on {device} in {time.perf_counter() - t0:.0f} s: "
-          f"experts NF4 (qwen3-moe-fused), attention NF4 (bitsandbytes), the rest {dtype}")  # fmt: skip
+          f"experts NF4 blocksize {EXPERTS_BLOCKSIZE} (qwen3-moe-fused), attention NF4 (bitsandbytes), the rest {dtype}")  # fmt: skip
+    if device.type == "cuda":
+        print(f"model {torch.cuda.memory_allocated(device) / 2**30:.2f} GiB")
 
     name = Qwen3_5MoeSparseMoeBlock.__name__
     replace_kernel_forward_from_hub(Qwen3_5MoeSparseMoeBlock, name)
@@ -179,7 +186,8 @@ def main():
     model.config.use_cache = False
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    print(f"LoRA: {sum(p.numel() for p in trainable) / 1e6:.1f} M trainable parameters")
+    print(f"LoRA: {sum(p.numel() for p in trainable) / 1e6:.1f} M trainable parameters "
+          f"({', '.join(sorted({str(p.dtype) for p in trainable}))})")  # fmt: skip
     optimizer = bnb.optim.AdamW8bit(trainable, lr=1e-4)
 
     generator = torch.Generator().manual_seed(1)

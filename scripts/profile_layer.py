@@ -2,9 +2,11 @@
 
 Times, per call, the router alone, the router + experts through our layer, and the functional
 `moe_experts_forward` on the router's output (GPU not awaited: host time), then a cProfile of
-the layer's forward sorted by own time.
+the layer's forward (with --backward: forward+backward) sorted by own time. First, one
+forward+backward of the layer runs under torch.cuda.set_sync_debug_mode("error"): a host
+synchronization anywhere in it is reported with its stack.
 
-    python3 scripts/profile_layer.py [--tokens 64] [--calls 300]
+    python3 scripts/profile_layer.py [--tokens 64] [--calls 300] [--backward]
 """
 
 import argparse
@@ -26,6 +28,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--calls", type=int, default=300)
+    parser.add_argument("--backward", action="store_true", help="profile forward+backward")
     args = parser.parse_args()
     kernel = load_kernel()
     block, _ = make_block(Case("qwen3_moe", 2048, 768, 128, 8, args.tokens), torch.device("cuda"), torch.bfloat16)
@@ -43,16 +46,37 @@ def main():
         "grouped_mm block": lambda: block(x),
     }  # fmt: skip
     block.experts.config._experts_implementation = "grouped_mm"
+    grad_out = torch.randn_like(x)
+    targets = [x, *block.parameters()]
+
+    def layer_step():
+        torch.autograd.grad(layer(block, x), targets, grad_out)
+
+    calls["layer fwd+bwd"] = layer_step
+    calls["grouped_mm block fwd+bwd"] = lambda: torch.autograd.grad(block(x), targets, grad_out)
+    layer_step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        layer_step()
+        print("no host synchronization in the layer's forward+backward")
+    except RuntimeError:
+        import traceback
+
+        print("host synchronization in the layer's forward+backward:\n" + traceback.format_exc()[-3000:])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
     for name, fn in calls.items():
         print(f"{name:28s} host {host_us(fn, args.calls):8.1f} us/call", flush=True)
+    step = layer_step if args.backward else (lambda: layer(block, x))
     profile = cProfile.Profile()
     profile.enable()
     for _ in range(args.calls):
-        layer(block, x)
+        step()
     profile.disable()
     torch.cuda.synchronize()
     stream = io.StringIO()
-    pstats.Stats(profile, stream=stream).sort_stats("tottime").print_stats(25)
+    pstats.Stats(profile, stream=stream).sort_stats("tottime").print_stats(40)
     print(stream.getvalue())
 
 

@@ -329,7 +329,6 @@ def test_gpu_block_bf16_real_shapes(kernel, name, hidden, inter, experts, top_k,
         for param in ref.parameters():
             param.normal_(0.0, param.shape[-1] ** -0.5)
     layer = getattr(kernel.layers, family.block_cls)
-    joined = kernel.join_shared_expert(copy.deepcopy(ref))
     x = torch.randn(1, tokens, hidden, device="cuda", dtype=torch.bfloat16)
     grad = torch.randn_like(x)
 
@@ -341,9 +340,14 @@ def test_gpu_block_bf16_real_shapes(kernel, name, hidden, inter, experts, top_k,
         return [out, xg.grad, *(p.grad for p in block.parameters())]
 
     expected = run(ref, type(ref).forward)
-    for block in (copy.deepcopy(ref), joined):
-        for a, b in zip(run(block, layer.forward), expected):
-            assert rel_err(a, b) <= 2e-2, rel_err(a, b)
+    ref.zero_grad(set_to_none=True)
+    # One copy at a time (the 397B block's weights and gradients are 26 GB a copy).
+    for make in (copy.deepcopy, lambda block: kernel.join_shared_expert(copy.deepcopy(block))):
+        block = make(ref)
+        errors = [rel_err(a, b) for a, b in zip(run(block, layer.forward), expected)]
+        del block
+        torch.cuda.empty_cache()
+        assert max(errors) <= 2e-2, errors
 
 
 def test_experts_implementation_lora_two_forwards_one_backward(kernel, checkpoints):

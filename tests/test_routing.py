@@ -67,7 +67,7 @@ def _assert_same_routing(a, b):
 @pytest.mark.parametrize(
     "num_tokens,num_experts,top_k,block_m,low,high",
     [
-        (375, 128, 8, 16, 0, 128),  # 3000 rows: three row blocks of the Triton kernels
+        (375, 128, 8, 16, 0, 128),  # 3000 rows: several row blocks of the Triton kernels (BLOCK_ROWS each)
         (300, 6, 2, 16, 0, 6),  # E not a power of two
         (200, 60, 4, 32, 0, 60),
         (150, 512, 8, 16, 0, 512),  # 512 experts: 1200 rows, most experts with 0-5 rows

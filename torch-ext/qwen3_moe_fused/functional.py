@@ -327,6 +327,8 @@ def _experts_backward(ctx, grad_out, bwd):
     """Gradients of the 12 inputs of _experts_fwd, computed by bwd (_experts_bwd or its custom op)."""
     x, gate_up, down, top_k_index, top_k_weights, gate_up_a, gate_up_b, down_a, down_b, h, *routing = ctx.saved_tensors
     need = ctx.needs_input_grad
+    if grad_out is None:  # the output did not reach the loss
+        return (None,) * len(need)
     if h.numel() == 0 and top_k_index.numel() > 0:
         raise RuntimeError("qwen3_moe_fused: backward needs the activations saved by a forward run with grad")
     need_lora = any(need[5:9])
@@ -364,6 +366,9 @@ class _Experts(torch.autograd.Function):
     def forward(ctx, *inputs):
         output = _experts_fwd(*inputs)
         _experts_setup_context(ctx, inputs, output)
+        # The saved h and routing never get gradients: without this, autograd would fill a
+        # zero (T*K, 2I) gradient for h on every backward (0.12 ms and 400 MB at 16384 tokens).
+        ctx.set_materialize_grads(False)
         return output
 
     @staticmethod

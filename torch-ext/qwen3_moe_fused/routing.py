@@ -19,7 +19,7 @@ On GPUs the sort is a counting sort in three launches over blocks of BLOCK_ROWS 
     2. _scan_kernel       prefix over blocks (in place), expert offsets and the tile map
     3. _scatter_kernel    each row goes to offsets[e] + rows of e in earlier blocks
                           + rows of e before it in its own block
-Up to BLOCK_ROWS rows (decode, small batches) _route_block_kernel does all three in one
+Up to SINGLE_PROGRAM_ROWS rows (decode, small batches) _route_block_kernel does all three in one
 launch: there, launches cost more host time than the kernels take on the GPU.
 """
 
@@ -44,8 +44,12 @@ def max_tiles(num_rows: int, num_experts: int, block_m: int) -> int:
     return (num_rows + block_m - 1) // block_m + num_experts
 
 
-# Rows per program of the histogram and scatter kernels (a row is one (token, k) pair).
-BLOCK_ROWS = 1024
+# Rows per program of the histogram and scatter kernels (a row is one (token, k) pair): each
+# program walks its rows SUB_ROWS at a time, so fewer rows per program means shorter serial loops
+# (and a longer scan over the blocks).
+BLOCK_ROWS = 256
+# Up to this many rows, _route_block_kernel sorts them in one program and one launch.
+SINGLE_PROGRAM_ROWS = 1024
 # Elements of the (chunk, E_PAD) one-hot tiles the kernels hold in registers.
 CHUNK_ELEMENTS = 8192
 
@@ -236,7 +240,7 @@ def _scatter_kernel(
 
 @triton.jit
 def _route_block_kernel(
-    ids_ptr,  # (N,) expert id of each flat row, N <= BLOCK_ROWS
+    ids_ptr,  # (N,) expert id of each flat row, N <= SINGLE_PROGRAM_ROWS
     expert_offsets_ptr,  # (E + 1,) int32 out
     tile_expert_ptr,  # (n_tiles,) int32 out
     tile_row_start_ptr,  # (n_tiles,) int32 out
@@ -330,7 +334,7 @@ def route(top_k_index: torch.Tensor, num_experts: int, block_m: int, use_triton:
     e_pad, sub_rows = _launch_sizes(num_experts)
     sort_idx = torch.empty(num_rows, dtype=torch.int32, device=device)
     sorted_token = torch.empty(num_rows, dtype=torch.int32, device=device)
-    if num_rows <= BLOCK_ROWS:
+    if num_rows <= SINGLE_PROGRAM_ROWS:
         n_tiles = max_tiles(num_rows, num_experts, block_m)
         expert_offsets = torch.empty(num_experts + 1, dtype=torch.int32, device=device)
         tile_expert = torch.empty(n_tiles, dtype=torch.int32, device=device)
