@@ -90,6 +90,16 @@ def test_route_triton_matches_torch(kernel, num_tokens, num_experts, top_k, bloc
     _assert_same_routing(r, kernel.route(ids.int(), num_experts, block_m, True))
 
 
+def test_route_large_batches_block_size(kernel, monkeypatch):
+    """Past SMALL_ROUTING rows the histogram / scatter programs take BLOCK_ROWS rows each: the
+    same sort as the torch path (the threshold lowered so that a small batch takes that path)."""
+    routing = kernel.routing
+    assert routing.BLOCK_ROWS != routing.SMALL_BLOCK_ROWS
+    monkeypatch.setattr(routing, "SMALL_ROUTING", 0)
+    ids = torch.randint(-1, 41, (500, 6), generator=torch.Generator().manual_seed(5))
+    _assert_same_routing(kernel.route(ids, 40, 16, True), kernel.route(ids, 40, 16, False))
+
+
 @pytest.mark.parametrize(
     "m_sizes,num_rows",
     [

@@ -46,8 +46,10 @@ def max_tiles(num_rows: int, num_experts: int, block_m: int) -> int:
 
 # Rows per program of the histogram and scatter kernels (a row is one (token, k) pair): each
 # program walks its rows SUB_ROWS at a time, so fewer rows per program means shorter serial loops
-# (and a longer scan over the blocks).
+# and a longer scan over the blocks. Measured on the H200 (scripts/bench_routing.py): 128 rows
+# fastest up to 16384 rows, 256 above.
 BLOCK_ROWS = 256
+SMALL_BLOCK_ROWS, SMALL_ROUTING = 128, 32768
 # Up to this many rows, _route_block_kernel sorts them in one program and one launch.
 SINGLE_PROGRAM_ROWS = 1024
 # Elements of the (chunk, E_PAD) one-hot tiles the kernels hold in registers.
@@ -345,15 +347,16 @@ def route(top_k_index: torch.Tensor, num_experts: int, block_m: int, use_triton:
             BLOCK_M=block_m, SUB_ROWS=sub_rows, E_PAD=e_pad, CHUNK=sub_rows,
         )  # fmt: skip
         return Routing(sort_idx, sorted_token, expert_offsets, tile_expert, tile_row_start, block_m)
-    num_blocks = triton.cdiv(num_rows, BLOCK_ROWS)
+    block_rows = SMALL_BLOCK_ROWS if num_rows <= SMALL_ROUTING else BLOCK_ROWS
+    num_blocks = triton.cdiv(num_rows, block_rows)
     hist = torch.empty(num_blocks, num_experts, dtype=torch.int32, device=device)
     _histogram_kernel[(num_blocks,)](
-        ids, hist, num_rows, num_experts, BLOCK_ROWS=BLOCK_ROWS, SUB_ROWS=sub_rows, E_PAD=e_pad
+        ids, hist, num_rows, num_experts, BLOCK_ROWS=block_rows, SUB_ROWS=sub_rows, E_PAD=e_pad
     )
     expert_offsets, tile_expert, tile_row_start = _scan(hist, num_experts, num_rows, block_m, True)
     _scatter_kernel[(num_blocks,)](
         ids, hist, expert_offsets, sort_idx, sorted_token, num_rows, num_experts, top_k,
-        BLOCK_ROWS=BLOCK_ROWS, SUB_ROWS=sub_rows, E_PAD=e_pad,
+        BLOCK_ROWS=block_rows, SUB_ROWS=sub_rows, E_PAD=e_pad,
     )  # fmt: skip
     return Routing(sort_idx, sorted_token, expert_offsets, tile_expert, tile_row_start, block_m)
 
