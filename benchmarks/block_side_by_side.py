@@ -39,7 +39,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _load import load_kernel  # noqa: E402
 from lora_side_by_side import peak_mib  # noqa: E402
-from peers_impls import load as load_peers  # noqa: E402
+import peers_impls  # noqa: E402
 
 CASES = {  # name: (H, I, E, K, tokens)
     "30b-t16384": (2048, 768, 128, 8, 16384),
@@ -181,14 +181,15 @@ def main():
         sys.exit("block_side_by_side.py times CUDA kernels: run it on a GPU (for a CPU check use side_by_side.py --quick)")
     kernel = load_kernel()
     device, dtype = torch.device("cuda"), torch.bfloat16
-    impls = load_peers(args.impls.split(","), device)
+    impls = peers_impls.load(args.impls.split(","), device)
     a = torch.randn(8192, 8192, device=device, dtype=dtype)
     dense_ms = triton.testing.do_bench(lambda: a @ a, return_mode="median")
     import transformers
 
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 transformers=transformers.__version__, dense_bf16_tflops=2 * 8192**3 / dense_ms / 1e9,
-                date=time.strftime("%Y-%m-%d"), command=" ".join(sys.argv))  # fmt: skip
+                date=time.strftime("%Y-%m-%d"), command=" ".join(sys.argv),
+                peers_unavailable=dict(peers_impls.unavailable))  # fmt: skip
     print(json.dumps(meta), flush=True)
     rows = []
     modes = args.modes.split(",")

@@ -16,17 +16,19 @@ All of them read the module's own weight Parameters, gate_up_proj (E, 2I, H) wit
 down_proj (E, H, I), without a copy: Liger takes that layout as it is, scattermoe its (E, in, out)
 layout as transposed views (its kernels take strides). So the gradients land on those Parameters.
 
-    impls = peers_impls.load(impls, device)  # prints "<name> unavailable: <reason>" and drops it
+    impls = peers_impls.load(impls, device)  # prints "<name> unavailable: <reason>" (stderr) and drops it
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
 PEERS = ("sonicmoe", "scattermoe", "liger")
 _loaded: dict[str, object] = {}  # peer name -> its Python module / autograd Function, once loaded
+unavailable: dict[str, str] = {}  # peer name -> why it did not load (for the results' metadata)
 
 
 def scattermoe_experts_forward(self, hidden_states, top_k_index, top_k_weights):
@@ -81,8 +83,8 @@ _FORWARDS = {"scattermoe": scattermoe_experts_forward, "liger": liger_experts_fo
 
 
 def load(impls: list[str], device: torch.device) -> list[str]:
-    """`impls` less the peers that cannot run here (each named with its reason on stdout); the others
-    are registered in Transformers' ExpertsInterface under their names."""
+    """`impls` less the peers that cannot run here (each named with its reason on stderr and in
+    `unavailable`); the others are registered in Transformers' ExpertsInterface under their names."""
     from transformers.integrations.moe import ExpertsInterface
 
     kept = []
@@ -91,7 +93,8 @@ def load(impls: list[str], device: torch.device) -> list[str]:
             try:
                 _loaded[impl] = _LOADERS[impl](torch.device(device))
             except Exception as e:  # a missing peer costs its column, never the run
-                print(f"{impl} unavailable: {type(e).__name__}: {e}", flush=True)
+                unavailable[impl] = f"{type(e).__name__}: {e}"
+                print(f"{impl} unavailable: {unavailable[impl]}", file=sys.stderr, flush=True)
                 continue
             if impl in _FORWARDS:
                 ExpertsInterface.register(impl, _FORWARDS[impl])
