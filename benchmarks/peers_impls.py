@@ -55,6 +55,8 @@ def _triton_device(device: torch.device) -> None:
 
 
 def _load_sonicmoe(device):
+    if device.type != "cuda":
+        raise RuntimeError(f"it needs a CUDA device (Hopper or newer), not {device.type}")
     from transformers.integrations import sonicmoe
 
     sonicmoe.is_sonicmoe_loadable(raise_error=True)  # names what is missing: CUDA, sm90+, nvidia-cutlass-dsl
@@ -96,6 +98,7 @@ def load(impls: list[str], device: torch.device) -> list[str]:
                 unavailable[impl] = f"{type(e).__name__}: {e}"
                 print(f"{impl} unavailable: {unavailable[impl]}", file=sys.stderr, flush=True)
                 continue
+            unavailable.pop(impl, None)
             if impl in _FORWARDS:
                 ExpertsInterface.register(impl, _FORWARDS[impl])
         kept.append(impl)
