@@ -15,9 +15,10 @@ forms W + s*B@A in front of grouped_mm / sonicmoe, our layer reads the adapter i
 (scattermoe and liger are compared in full fine-tuning only). QLoRA (`--modes qlora`): the same
 on experts quantized by quantize_experts_4bit (ours only; its reference is then ours, the first
 implementation that ran).
-Median ms of triton.testing.do_bench after an untimed first call (first_call_s: SonicMoE
-JIT-compiles, ~2.5 minutes at the first shape and ~25 s at each new token count; Liger autotunes,
-~3.5 minutes at each new (H, I), and keeps that choice for later token counts). Each
+Median ms of triton.testing.do_bench after an untimed first call (first_call_s: on the H200
+SonicMoE JIT-compiled for 145 s at 30B/16384 tokens, ~25 s at each new token count, 209 s for
+235B; Liger autotunes ~240 kernel configs at each new (H, I), ~3.5 minutes, and keeps its choice
+for later token counts; scattermoe has one config a kernel and torch.compiles its sort). Each
 implementation's output and gradients are compared with grouped_mm's (relative Frobenius error).
 `--json` is rewritten after every case, so a run cut short keeps the cases it finished.
 
