@@ -1,20 +1,28 @@
 """The whole Qwen3MoeSparseMoeBlock (router included), side by side in ONE process: our layer's
-forward vs Transformers' experts implementations (`grouped_mm`, and `sonicmoe` where the
-SonicMoE kernel loads: `import peers; peers.install()` from the anchor site, see
-../shared/tools/anchors), on the same module, inputs and weights.
+forward vs Transformers' `grouped_mm` and the peers (benchmarks/peers_impls.py: `sonicmoe`,
+Transformers' own SonicMoE entry; `scattermoe`, kernels-community scattermoe; `liger`, Liger-Kernel's
+fused MoE), on the same module, inputs and weights. Every implementation but ours runs the module's
+own forward: its router (block.gate), then its experts switched to that implementation, reading
+the experts' own weight Parameters (no copies, no layout conversion in the timed forward:
+scattermoe gets transposed views). A peer that cannot load (no anchor site, no CUDA) is named
+with its reason and left out.
 
 Full fine-tuning: hidden states and every weight (router, gate_up, down) require grad;
 forward+backward = torch.autograd.grad of the output with a random contiguous output
 gradient w.r.t. all of them. LoRA cases (`--modes lora`): PEFT `target_parameters` LoRA r=16 on
 both expert tensors, base frozen, gradients of the hidden states and the LoRA factors; PEFT
-forms W + s*B@A in front of grouped_mm / sonicmoe, our layer reads the adapter itself.
-QLoRA (`--modes qlora`): the same on experts quantized by quantize_experts_4bit (ours only;
-its reference is then ours, the first implementation that ran).
-Median ms of triton.testing.do_bench after a warm-up call (SonicMoE autotunes on its first
-call per shape: not timed). Each implementation's output and gradients are compared with
-grouped_mm's (relative Frobenius error).
+forms W + s*B@A in front of grouped_mm / sonicmoe, our layer reads the adapter itself
+(scattermoe and liger are compared in full fine-tuning only). QLoRA (`--modes qlora`): the same
+on experts quantized by quantize_experts_4bit (ours only; its reference is then ours, the first
+implementation that ran).
+Median ms of triton.testing.do_bench after an untimed first call (first_call_s: on the H200
+SonicMoE JIT-compiled for 145 s at 30B/16384 tokens, ~25 s at each new token count, 209 s for
+235B; Liger autotunes ~240 kernel configs at each new (H, I), ~3.5 minutes, and keeps its choice
+for later token counts; scattermoe has one config a kernel and torch.compiles its sort). Each
+implementation's output and gradients are compared with grouped_mm's (relative Frobenius error).
+`--json` is rewritten after every case, so a run cut short keeps the cases it finished.
 
-    python benchmarks/block_side_by_side.py [--cases 30b-t16384,...] [--impls ours,grouped_mm,sonicmoe]
+    python benchmarks/block_side_by_side.py [--cases 30b-t16384,...] [--impls ours,grouped_mm,sonicmoe,scattermoe,liger]
         [--modes full,lora] [--repeats N] [--json out.json]
 """
 
@@ -33,6 +41,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _load import load_kernel  # noqa: E402
 from lora_side_by_side import peak_mib  # noqa: E402
+import peers_impls  # noqa: E402
 
 # Transformers module, configuration class and block class of each family (the block class is
 # also the name of our layer).
@@ -115,15 +124,27 @@ def _configure(kernel, impl):
     )
 
 
+def skip_reason(impl, mode):
+    """Why `impl` does not run in `mode`, or None."""
+    if mode == "qlora" and not impl.startswith("ours"):
+        return "4-bit experts: only our layer reads them"
+    if mode == "lora" and impl in ("scattermoe", "liger"):
+        return "peers are compared in full fine-tuning only"
+    return None
+
+
 def run_case(name, kernel, impls, mode, repeats, device, dtype):
     case = CASES[name]
     hidden, tokens = case.hidden, case.tokens
     block, block_cls = make_block(case, device, dtype)
     module, lora = block, mode != "full"
     config = block.experts.config  # read by the experts' forward on every call: switches the implementation
-    if mode == "qlora":  # 4-bit experts: only our layer reads them
+    for impl in impls:
+        if skip_reason(impl, mode):
+            print(f"{impl} skipped in {mode} mode ({name}): {skip_reason(impl, mode)}", flush=True)
+    impls = [i for i in impls if not skip_reason(i, mode)]
+    if mode == "qlora":
         kernel.quantize_experts_4bit(block)
-        impls = [i for i in impls if i.startswith("ours")]
     if lora:
         from peft import LoraConfig, get_peft_model
         from torch import nn
@@ -133,9 +154,9 @@ def run_case(name, kernel, impls, mode, repeats, device, dtype):
                 super().__init__()
                 self.mlp = block
 
-        config = LoraConfig(target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"], r=16,
-                            lora_alpha=32, init_lora_weights=False)  # fmt: skip
-        module = get_peft_model(Holder(block), config).base_model.model.mlp
+        lora_config = LoraConfig(target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"], r=16,
+                                 lora_alpha=32, init_lora_weights=False)  # fmt: skip
+        module = get_peft_model(Holder(block), lora_config).base_model.model.mlp
     targets = [p for p in module.parameters() if p.requires_grad]
     x = torch.randn(1, tokens, hidden, device=device, dtype=dtype, requires_grad=True)
     grad_out = torch.randn(1, tokens, hidden, device=device, dtype=dtype)
@@ -186,7 +207,7 @@ def run_case(name, kernel, impls, mode, repeats, device, dtype):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", default=",".join(CASES))
-    parser.add_argument("--impls", default="grouped_mm,ours,sonicmoe")
+    parser.add_argument("--impls", default="grouped_mm,ours,sonicmoe,scattermoe,liger")
     parser.add_argument("--modes", default="full", help="full (every weight trainable), lora (PEFT LoRA r=16 on "
                         "both expert tensors, base frozen), qlora (the same on 4-bit experts: ours only), "
                         "comma-separated, in one process")  # fmt: skip
@@ -197,23 +218,16 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("block_side_by_side.py times CUDA kernels: run it on a GPU (for a CPU check use side_by_side.py --quick)")
     kernel = load_kernel()
-    impls = args.impls.split(",")
-    if "sonicmoe" in impls:
-        try:
-            import peers
-
-            peers.install()
-        except Exception as e:
-            print(f"sonicmoe unavailable: {type(e).__name__}: {e}")
-            impls.remove("sonicmoe")
     device, dtype = torch.device("cuda"), torch.bfloat16
+    impls = peers_impls.load(args.impls.split(","), device)
     a = torch.randn(8192, 8192, device=device, dtype=dtype)
     dense_ms = triton.testing.do_bench(lambda: a @ a, return_mode="median")
     import transformers
 
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 transformers=transformers.__version__, dense_bf16_tflops=2 * 8192**3 / dense_ms / 1e9,
-                date=time.strftime("%Y-%m-%d"), command=" ".join(sys.argv))  # fmt: skip
+                date=time.strftime("%Y-%m-%d"), command=" ".join(sys.argv),
+                peers_unavailable=dict(peers_impls.unavailable))  # fmt: skip
     print(json.dumps(meta), flush=True)
     rows = []
     modes = args.modes.split(",")
@@ -221,6 +235,8 @@ def main():
     for mode in modes:
         for name in cases[mode]:
             rows += run_case(name, kernel, impls, mode, args.repeats, device, dtype)
+            if args.json:
+                Path(args.json).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     print(f"\n{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, dense bf16 {meta['dense_bf16_tflops']:.0f} "
           f"TFLOP/s: fwd / fwd+bwd ms (max rel err of the gradients vs {impls[0]})")  # fmt: skip
     print("| case | " + " | ".join(impls) + " |\n|---|" + "---|" * len(impls))
@@ -231,8 +247,6 @@ def main():
                 r = next((r for r in rows if r["case"] == name and r["impl"] == impl and r["mode"] == mode), None)
                 cells.append("—" if r is None or "error" in r else f"{r['fwd_ms']:.2f} / {r['fwd_bwd_ms']:.2f} ({r['rel_err_grads']:.0e})")
             print(f"| {name} {mode} | " + " | ".join(cells) + " |")
-    if args.json:
-        Path(args.json).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
-"""LoRA on the Qwen3 MoE experts: qwen3-moe-fused vs PEFT + Transformers grouped_mm.
+"""LoRA on the Qwen3 MoE experts: qwen3-moe-fused vs PEFT + Transformers grouped_mm / sonicmoe.
 
 PEFT `target_parameters` LoRA (r on gate_up_proj and down_proj, base frozen) around a
-Transformers `Qwen3MoeExperts` (grouped_mm); ours reads the same adapter and runs it inside
+Transformers `Qwen3MoeExperts` (grouped_mm, and sonicmoe where benchmarks/peers_impls.py loads
+it: PEFT forms W + s*B@A in front of either); ours reads the same adapter and runs it inside
 its grouped GEMMs. Forward and forward+backward (gradients of the hidden states and the
-LoRA factors), median ms of triton.testing.do_bench, peak memory of forward+backward, and
-the relative error of ours against PEFT. Also our block without LoRA (LoRA's cost).
+LoRA factors), median ms of triton.testing.do_bench after an untimed first call (first_call_s;
+SonicMoE JIT-compiles there, minutes at the first shape), peak memory of forward+backward, and
+the relative error against PEFT + grouped_mm. Also our block without LoRA (LoRA's cost).
 
     python benchmarks/lora_side_by_side.py [--tokens 2048,16384] [--rank 16] [--json out.json]
 """
@@ -12,6 +14,7 @@ the relative error of ours against PEFT. Also our block without LoRA (LoRA's cos
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -23,6 +26,7 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _load import load_kernel  # noqa: E402
+import peers_impls  # noqa: E402
 
 
 class Block(nn.Module):
@@ -71,11 +75,17 @@ def main():
         lora = {n: kernel.wrappers.lora_factors(wrappers[n], getattr(base, n)) for n in ("gate_up_proj", "down_proj")}
         return kernel.experts_forward(base, x, ids, w, gate_up_lora=lora["gate_up_proj"], down_lora=lora["down_proj"])
 
-    impls = {
-        "ours": ours,
-        "peft+grouped_mm": lambda x, ids, w: peft_experts(x, ids, w),
-        "ours, no LoRA": lambda x, ids, w: kernel.experts_forward(base, x, ids, w),
-    }
+    def peft_with(implementation):
+        def run(x, ids, w):
+            base.config._experts_implementation = implementation  # read by the experts' forward on every call
+            return peft_experts(x, ids, w)
+
+        return run
+
+    impls = {"ours": ours, "peft+grouped_mm": peft_with("grouped_mm")}
+    if peers_impls.load(["sonicmoe"], dev):
+        impls["peft+sonicmoe"] = peft_with("sonicmoe")
+    impls["ours, no LoRA"] = lambda x, ids, w: kernel.experts_forward(base, x, ids, w)
     rows = []
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | rank {args.rank}")
     for tokens in map(int, args.tokens.split(",")):
@@ -90,17 +100,27 @@ def main():
             def fwd_bwd():
                 return torch.autograd.grad(fn(x, ids, w), targets, grad_out)
 
-            out = fn(x, ids, w)
-            grads = fwd_bwd()
-            fwd = triton.testing.do_bench(lambda: fn(x, ids, w), warmup=25, rep=100, return_mode="median")
-            both = triton.testing.do_bench(fwd_bwd, warmup=25, rep=100, return_mode="median")
-            results[name] = dict(out=out.detach(), grads=grads, fwd_ms=fwd, fwd_bwd_ms=both, peak_mib=peak_mib(fwd_bwd))
+            try:
+                start = time.time()
+                out = fn(x, ids, w).detach()
+                grads = fwd_bwd()
+                first_s = time.time() - start
+                fwd = triton.testing.do_bench(lambda: fn(x, ids, w), warmup=25, rep=100, return_mode="median")
+                both = triton.testing.do_bench(fwd_bwd, warmup=25, rep=100, return_mode="median")
+                results[name] = dict(out=out, grads=grads, fwd_ms=fwd, fwd_bwd_ms=both, peak_mib=peak_mib(fwd_bwd),
+                                     first_call_s=first_s)  # fmt: skip
+            except Exception as e:  # one implementation failing must not lose the others' numbers
+                results[name] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
         ref = results["peft+grouped_mm"]
         for name, r in results.items():
+            if "error" in r:
+                rows.append(dict(tokens=tokens, impl=name, error=r["error"]))
+                print(f"T={tokens:6d} {name:16s} ERROR {r['error']}")
+                continue
             err = rel_err(r["out"], ref["out"])
             gerr = max(rel_err(a, b) for a, b in zip(r["grads"], ref["grads"])) if "no LoRA" not in name else None
             row = dict(tokens=tokens, impl=name, fwd_ms=r["fwd_ms"], fwd_bwd_ms=r["fwd_bwd_ms"], peak_mib=r["peak_mib"],
-                       rel_err_out=err, rel_err_grads=gerr)  # fmt: skip
+                       rel_err_out=err, rel_err_grads=gerr, first_call_s=r["first_call_s"])  # fmt: skip
             rows.append(row)
             print(f"T={tokens:6d} {name:16s} fwd {r['fwd_ms']:7.3f} ms  fwd+bwd {r['fwd_bwd_ms']:7.3f} ms  peak {r['peak_mib']:7.0f} MiB"
                   f"  rel err vs PEFT: out {err:.1e}" + (f", grads {gerr:.1e}" if gerr is not None else ""))  # fmt: skip

@@ -4,8 +4,8 @@
     python benchmarks/plot.py side_by_side.json benchmarks/tflops_h100.png  # side_by_side.py --json
 
 block_side_by_side.py output: ms of forward and forward+backward per case, one bar per
-implementation (ours, grouped_mm, sonicmoe), lower is better. side_by_side.py output:
-TFLOP/s against tokens for the 30B-A3B block.
+implementation the JSON has (of LABELS: ours, grouped_mm and the peers), lower is better.
+side_by_side.py output: TFLOP/s against tokens for the 30B-A3B block, one line per implementation.
 """
 
 import json
@@ -16,13 +16,14 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-LABELS = {"ours": "qwen3-moe-fused", "grouped_mm": "Transformers grouped_mm", "sonicmoe": "SonicMoE (sonicmoe)"}
+LABELS = {"ours": "qwen3-moe-fused", "grouped_mm": "Transformers grouped_mm", "sonicmoe": "SonicMoE (sonicmoe)",
+          "scattermoe": "scattermoe", "liger": "Liger-Kernel fused MoE"}  # fmt: skip
 
 
 def plot_block(data: dict, dst: str) -> None:
     meta, rows = data["meta"], [r for r in data["rows"] if "error" not in r]
     cases = list(dict.fromkeys(r["case"] for r in rows))
-    impls = [i for i in ("ours", "grouped_mm", "sonicmoe") if any(r["impl"] == i for r in rows)]
+    impls = [i for i in LABELS if any(r["impl"] == i for r in rows)]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     width = 0.8 / len(impls)
     for ax, phase in zip(axes, ("fwd_ms", "fwd_bwd_ms")):
@@ -46,7 +47,7 @@ def plot_tokens(data: dict, dst: str) -> None:
     rows = [r for r in data["results"] if r["model"] == "Qwen3-30B-A3B" and r.get("fwd_ms") and not r.get("error")]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for ax, phase in zip(axes, ("fwd", "fwd_bwd")):
-        for impl in ("ours", "grouped_mm"):
+        for impl in LABELS:
             pts = sorted((r["tokens"], r[f"{phase}_tflops"]) for r in rows if r["impl"] == impl)
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=LABELS[impl])

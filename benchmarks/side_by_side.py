@@ -1,6 +1,8 @@
 """Qwen3 MoE experts block, side by side: qwen3-moe-fused vs Transformers' own experts
-implementations (`grouped_mm`, the default, and the `eager` per-expert loop), forward and
-forward+backward, on the same random inputs, weights and routing.
+implementations (`grouped_mm`, the default, and the `eager` per-expert loop) and the peers
+(benchmarks/peers_impls.py: `sonicmoe`, `scattermoe`, `liger`, each an experts implementation on
+the same Parameters; one that cannot load here is named with its reason and left out), forward
+and forward+backward, on the same random inputs, weights and routing, in one process.
 
 For each case and implementation it prints the median time in ms (`triton.testing.do_bench`,
 return_mode="median", on CUDA), TFLOP/s (forward 2*T*K*3*H*I FLOPs, forward+backward 3x that),
@@ -48,6 +50,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _load import REPO_ROOT, kernel_source, load_kernel  # noqa: E402
+import peers_impls  # noqa: E402
 from benchmark_moe import (  # noqa: E402
     GRAD_NAMES,
     REL_TOL,
@@ -84,8 +87,11 @@ IMPLS = {
     "ours-iface": "qwen3_moe_fused via ExpertsInterface",  # experts_forward as experts_implementation
     "grouped_mm": "transformers grouped_mm",
     "eager": "transformers eager",
+    "sonicmoe": "SonicMoE (transformers sonicmoe)",
+    "scattermoe": "scattermoe (kernels-community)",
+    "liger": "Liger-Kernel fused MoE",
 }
-DEFAULT_IMPLS = ["ours", "ours-iface", "grouped_mm", "eager"]
+DEFAULT_IMPLS = ["ours", "ours-iface", "grouped_mm", "eager", "sonicmoe", "scattermoe", "liger"]
 IFACE_NAME = "qwen3_moe_fused"  # name registered in transformers' ExpertsInterface for "ours-iface"
 
 
@@ -217,6 +223,8 @@ def metadata(device: torch.device, args, dtype: torch.dtype) -> dict:
         "triton": _version("triton"),
         "transformers": _version("transformers"),
         "kernels": _version("kernels"),
+        "liger_kernel": _version("liger-kernel"),
+        "nvidia_cutlass_dsl": _version("nvidia-cutlass-dsl"),
         "repo_commit": _git("rev-parse", "HEAD"),
         "repo_dirty": None,
         "kernel_source": None,
@@ -469,6 +477,7 @@ def main(argv=None) -> int:
     if device.type != "cuda":
         log("WARNING: not on CUDA: times come from a CPU timer and say nothing about the kernels' speed; no memory figures.")
 
+    impls = peers_impls.load(impls, device)
     kernel = None
     if any(i.startswith("ours") for i in impls):
         kernel = load_kernel()
@@ -479,6 +488,7 @@ def main(argv=None) -> int:
 
     meta = metadata(device, args, dtype)
     meta["kernel_source"] = kernel_source()
+    meta["peers_unavailable"] = dict(peers_impls.unavailable)
     meta["kernel_ops_namespace"] = ops_namespace(kernel)
     log(f"device {meta['gpu'] or meta['cpu']} | torch {meta['torch']} | triton {meta['triton']} | transformers {meta['transformers']} | kernels {meta['kernels']}")
     log(f"kernel: {meta['kernel_source']} (ops {meta['kernel_ops_namespace']})")

@@ -1,4 +1,5 @@
-"""Print the README's benchmark table from block_side_by_side.py --json output.
+"""Print the README's benchmark table from block_side_by_side.py --json output: one column per
+implementation the JSON has (ours, grouped_mm, then the peers in COLUMNS' order).
 
     python3 scripts/readme_table.py block.json [lora.json]
 """
@@ -8,7 +9,8 @@ import sys
 
 NAMES = {"30b-t16384": "Qwen3-30B-A3B, 16384 tokens", "30b-t2048": "Qwen3-30B-A3B, 2048 tokens",
          "30b-t64": "Qwen3-30B-A3B, 64 tokens", "235b-t8192": "Qwen3-235B-A22B, 8192 tokens"}  # fmt: skip
-IMPLS = ("ours", "grouped_mm", "sonicmoe")
+COLUMNS = {"ours": "qwen3-moe-fused", "grouped_mm": "Transformers `grouped_mm`", "sonicmoe": "`sonicmoe` (SonicMoE)",
+           "scattermoe": "scattermoe", "liger": "Liger-Kernel"}  # fmt: skip
 
 
 def rows_of(path):
@@ -24,13 +26,14 @@ def cell(rows, case, impl, mode):
 
 def main(paths):
     rows = [r for p in paths for r in rows_of(p)]
-    print("| case | qwen3-moe-fused | Transformers `grouped_mm` | `sonicmoe` (SonicMoE) |")
-    print("|---|---|---|---|")
+    impls = [i for i in COLUMNS if any(r["impl"] == i for r in rows)]
+    print("| case | " + " | ".join(COLUMNS[i] for i in impls) + " |")
+    print("|---|" + "---|" * len(impls))
     suffix = {"full": "", "lora": ", LoRA r=16 (PEFT's for the others)", "qlora": ", QLoRA r=16 (4-bit experts)"}
     for mode in suffix:
         for case, name in NAMES.items():
             if any(r["case"] == case and r.get("mode", "full") == mode for r in rows):
-                print(f"| {name}{suffix[mode]} | " + " | ".join(cell(rows, case, i, mode) for i in IMPLS) + " |")
+                print(f"| {name}{suffix[mode]} | " + " | ".join(cell(rows, case, i, mode) for i in impls) + " |")
 
 
 if __name__ == "__main__":
