@@ -78,6 +78,15 @@ def main():
     stream = io.StringIO()
     pstats.Stats(profile, stream=stream).sort_stats("tottime").print_stats(40)
     print(stream.getvalue())
+    # cProfile sees only this thread; the backward runs on autograd's device thread. torch.profiler
+    # records the host time of every op and autograd node on both.
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(50):
+            step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70))
 
 
 if __name__ == "__main__":
