@@ -28,8 +28,10 @@ def plot_block(data: dict, dst: str) -> None:
     width = 0.8 / len(impls)
     for ax, phase in zip(axes, ("fwd_ms", "fwd_bwd_ms")):
         for j, impl in enumerate(impls):
-            values = [next((r[phase] for r in rows if r["case"] == c and r["impl"] == impl), 0) for c in cases]
-            bars = ax.bar([i + j * width for i in range(len(cases))], values, width, label=LABELS.get(impl, impl))
+            # Cases this implementation did not run get no bar.
+            found = {c: next((r[phase] for r in rows if r["case"] == c and r["impl"] == impl), None) for c in cases}
+            xs = [i + j * width for i, c in enumerate(cases) if found[c] is not None]
+            bars = ax.bar(xs, [v for v in found.values() if v is not None], width, label=LABELS.get(impl, impl))
             ax.bar_label(bars, fmt="%.2f", fontsize=7)
         ax.set_xticks([i + width * (len(impls) - 1) / 2 for i in range(len(cases))], cases, fontsize=8)
         ax.set_ylabel("ms (lower is better)")

@@ -8,7 +8,9 @@ import json
 import sys
 
 NAMES = {"30b-t16384": "Qwen3-30B-A3B, 16384 tokens", "30b-t2048": "Qwen3-30B-A3B, 2048 tokens",
-         "30b-t64": "Qwen3-30B-A3B, 64 tokens", "235b-t8192": "Qwen3-235B-A22B, 8192 tokens"}  # fmt: skip
+         "30b-t64": "Qwen3-30B-A3B, 64 tokens", "235b-t8192": "Qwen3-235B-A22B, 8192 tokens",
+         "qwen3.5-35b-t16384": "Qwen3.5/3.6-35B-A3B, 16384 tokens", "next80b-t16384": "Qwen3-Next-80B-A3B, 16384 tokens",
+         "qwen3.5-397b-t8192": "Qwen3.5-397B-A17B, 8192 tokens", "coder480b-t8192": "Qwen3-Coder-480B-A35B, 8192 tokens"}  # fmt: skip
 COLUMNS = {"ours": "qwen3-moe-fused", "grouped_mm": "Transformers `grouped_mm`", "sonicmoe": "`sonicmoe` (SonicMoE)",
            "scattermoe": "scattermoe", "liger": "Liger-Kernel"}  # fmt: skip
 
