@@ -106,10 +106,11 @@ def rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-# Our layer as shipped ("ours"), or with a backward option forced on (benchmarks/backward_options.py):
-# "+dswiglu" fuses the SwiGLU backward into the down_dx GEMM, "+pdw" runs the dW GEMMs on a
-# persistent grid (one program per SM).
-OURS_OPTIONS = {"ours": (None, 0), "ours+dswiglu": (True, 0), "ours+pdw": (None, 1), "ours+dswiglu+pdw": (True, 1)}
+# Our layer as shipped ("ours"), or with a backward option forced (benchmarks/backward_options.py):
+# "+dswiglu" / "-dswiglu" fuse / never fuse the SwiGLU backward into the down_dx GEMM (shipped:
+# by row tile, tuning.fuse_dswiglu), "+pdw" runs the dW GEMMs on a persistent grid (one program per SM).
+OURS_OPTIONS = {"ours": (None, 0), "ours+dswiglu": (True, 0), "ours-dswiglu": (False, 0), "ours+pdw": (None, 1),
+                "ours+dswiglu+pdw": (True, 1)}  # fmt: skip
 _SHIPPED = {}
 
 
