@@ -188,6 +188,11 @@ def _step(model, batches):
     return loss.detach()
 
 
+def _storage_bytes(model):
+    """Bytes of 4-bit expert storage this rank holds (its local shards under expert parallel)."""
+    return sum(_local(p).numel() for p in model.parameters() if getattr(p, "quant_type", None) is not None)
+
+
 def average_unmanaged_grads(model):
     """Gradients of trainable plain-tensor parameters averaged over all ranks (what DDP does):
     Transformers' FSDP2 does not manage PEFT parameters added after loading."""
@@ -209,8 +214,10 @@ def run_case(checkpoint, case):
         ref = build(checkpoint, mode, path, variant, distributed=False)
         result["ref_loss"] = _step(ref, whole)
         result["ref_grads"] = gradients(ref)
+        result["ref_storage_bytes"] = _storage_bytes(ref)
         del ref
     model = build(checkpoint, mode, path, variant, distributed=True)
+    result["storage_bytes"] = _storage_bytes(model)
     loss = _step(model, [per_rank[rank]])
     if variant != "full" and mode in UNMANAGED_PEFT:
         average_unmanaged_grads(model)

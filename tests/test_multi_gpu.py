@@ -45,9 +45,11 @@ WORKS = [
     "hf-ep:kernelize:full",
     "hf-ep:impl:full",
     "hf-ep:kernelize:lora",
+    "hf-ep:kernelize:qlora",
     "hf-ep-router:kernelize:full",
     "hf-ep-router:impl:full",
     "hf-ep-router:kernelize:lora",
+    "hf-ep-router:kernelize:qlora",
     "hf-fsdp-ep:kernelize:lora",
     "hf-tp:kernelize:full",
     "hf-tp:impl:full",
@@ -59,8 +61,9 @@ WORKS = [
 # case -> a piece of the clear error it raises at set-up or on the first forward
 RAISES = {
     "fsdp2-all:kernelize:qlora": "keep the 4-bit expert tensors out of it",
-    "hf-fsdp2:kernelize:qlora": "4-bit experts cannot be sharded",
-    "hf-ep:kernelize:qlora": "4-bit experts cannot be sharded",
+    "hf-fsdp2:kernelize:qlora": "4-bit experts cannot be sharded by FSDP2",
+    "hf-fsdp-ep:kernelize:qlora": "4-bit experts cannot be sharded by FSDP2",
+    "hf-tp:kernelize:qlora": "4-bit experts cannot be split inside an expert",
     "hf-ep:eager-kernelize:full": "Load the model with experts_implementation=\"qwen3_moe_fused\"",
 }
 # Transformers 5.22.2's own bug, with its eager experts too: expert-weight gradients are half the
@@ -104,6 +107,10 @@ def test_matches_one_process(results, case):
     _assert_matches_one_process(results[case])
     if case.endswith("lora"):
         assert any(".lora_A." in name for name in results[case]["grads"])
+    if case.endswith("qlora"):
+        held, whole = results[case]["storage_bytes"], results[case]["ref_storage_bytes"]
+        # Expert parallel: each rank quantized its own half of the experts; else all of them.
+        assert held > 0 and held * (2 if case.startswith("hf-ep") else 1) == whole, (held, whole)
 
 
 @pytest.mark.parametrize("case", RAISES)
