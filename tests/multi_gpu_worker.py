@@ -18,11 +18,11 @@ batch; rank 0 also runs the same model in one process (no process group) on the 
 Rank 0 writes OUT/CASE.pt: {"loss", "grads" (full tensors by parameter name), "ref_loss",
 "ref_grads"} or {"error": message}.
 
-A "save:MODE:VARIANT" case (MODE fsdp2 or hf-fsdp2, the kernelized block) trains one AdamW
-step, saves a checkpoint the way docs/multi_gpu.md says (MODE fsdp2, full: torch DCP of model
-and optimizer; hf-fsdp2: save_pretrained, gathered and distributed_checkpoint=True; lora /
-qlora: the adapter gathered, then PEFT's save_pretrained on rank 0), loads it back and writes
-the losses of the whole eval batch (see run_save_case).
+A "save:MODE:VARIANT" case (the kernelized block) trains one AdamW step, saves a checkpoint
+the way docs/multi_gpu.md says (full, MODE fsdp2: torch DCP of model and optimizer; hf-fsdp2:
+save_pretrained, gathered and distributed_checkpoint=True; lora / qlora, MODE fsdp2, acc-fsdp2,
+ddp, acc-ddp, hf-fsdp2 or hf-ep: PEFT's adapter files, see _save_adapter), loads it back and
+writes the losses of the whole eval batch (see run_save_case).
 """
 
 import copy
@@ -139,7 +139,11 @@ def _wrap(model, mode):
             fully_shard(layer, ignored_params=ignored or None)
         return fully_shard(model, ignored_params=ignored or None)
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
+    # accelerate keeps its state (DDP or FSDP, the plugin) process-wide from the first Accelerator:
+    # without a reset, an FSDP2 case after a DDP one would run under DDP.
+    AcceleratorState._reset_state()
     if mode == "acc-ddp":
         return Accelerator(cpu=True).prepare_model(model)
     from accelerate.utils import FullyShardedDataParallelPlugin
@@ -150,8 +154,28 @@ def _wrap(model, mode):
         transformer_cls_names_to_wrap=["Qwen3MoeDecoderLayer"],
         cpu_ram_efficient_loading=False,
         state_dict_type="SHARDED_STATE_DICT",
+        # 4-bit experts: the modules owning the uint8 storage stay out of the sharding (FSDP2
+        # cannot shard it); accelerate passes their parameters to fully_shard as ignored_params.
+        ignored_modules=[m for m in model.modules() if _quantized_params(m) & set(m.parameters(recurse=False))] or None,
     )
-    return Accelerator(cpu=True, fsdp_plugin=plugin).prepare_model(model)
+    accelerator = Accelerator(cpu=True, fsdp_plugin=plugin)
+    from accelerate.utils import DistributedType
+
+    if accelerator.state.distributed_type != DistributedType.FSDP:
+        # accelerate 1.15 turns FSDP on only for accelerator devices (MULTI_GPU, ...), not for
+        # MULTI_CPU (gloo) nor one process: set what it sets there, so prepare_model runs its FSDP2 code.
+        accelerator.state.distributed_type = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = plugin
+    # accelerate's FSDP2 prepares the model with its optimizer (it re-points the optimizer at the
+    # sharded parameters); _train_one_step takes that one.
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    wrapped.prepared_optimizer = optimizer
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(wrapped, FSDPModule):
+        raise RuntimeError(f"accelerate did not apply FSDP2: {type(wrapped).__name__}")
+    return wrapped
 
 
 def _batches(mode, world_size):
@@ -270,11 +294,15 @@ def full_params(model, trainable_only=False):
     }
 
 
-def _train_one_step(model, rank):
-    """One AdamW step on this rank's row of the training batch; -> the optimizer."""
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    input_ids, attention_mask, labels = sample_batch(TINY_CONFIG["vocab_size"], batch=2, seq_len=11)
-    _step(model, [(input_ids[rank : rank + 1], attention_mask[rank : rank + 1], labels[rank : rank + 1])])
+def _train_one_step(model, rank, mode, variant):
+    """One AdamW step on this rank's share of the training batch (_batches); -> the optimizer."""
+    optimizer = getattr(model, "prepared_optimizer", None)  # accelerate FSDP2 (_wrap)
+    if optimizer is None:
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    per_rank, _ = _batches(mode, dist.get_world_size())
+    _step(model, [per_rank[rank]])
+    if variant != "full" and mode in UNMANAGED_PEFT:
+        average_unmanaged_grads(model)  # docs/multi_gpu.md, footnote (1)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return optimizer
@@ -367,17 +395,43 @@ def _save_load_hf_fsdp2_full(checkpoint, folder, model, result):
         result["consolidated_loss"] = _eval_loss(_plain_model(consolidated, "full"), _eval_batch())
 
 
-def _save_load_adapter(checkpoint, folder, model, variant, result):
-    """The adapter of a fully_shard model: gather the trainable parameters (full tensors on rank
-    0), PEFT's save_pretrained writes them; a plain one-process PEFT model loads them."""
-    from peft import PeftModel
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+def _save_adapter(model, folder, mode):
+    """PEFT's adapter files of the trained `model`, written the way docs/multi_gpu.md says for
+    `mode` (every rank calls this)."""
+    rank = dist.get_rank()
+    if mode in ("fsdp2", "acc-fsdp2"):
+        # LoRA factors are DTensor shards: gather the trainable parameters (full tensors on rank 0).
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-    adapter_state = get_model_state_dict(model, options=options)  # every rank; {} on ranks > 0
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+        adapter_state = get_model_state_dict(model, options=options)  # every rank; {} on ranks > 0
+        if rank == 0:
+            model.save_pretrained(folder, state_dict=adapter_state)
+    elif mode in ("ddp", "acc-ddp"):
+        # The factors are whole and equal on every rank: rank 0 writes those of the wrapped model
+        # (accelerate: accelerator.unwrap_model(model), which is extract_model_from_parallel).
+        from accelerate.utils import extract_model_from_parallel
+
+        if rank == 0:
+            extract_model_from_parallel(model).save_pretrained(folder)
+    elif mode in ("hf-fsdp2", "hf-ep"):
+        # DistributedConfig: the factors are whole plain tensors on every rank (fsdp_size: PEFT's,
+        # unmanaged, gradients averaged by hand; ep_size: gradients summed over the shards).
+        model.save_pretrained(folder, is_main_process=rank == 0)
+    else:
+        raise ValueError(f"no adapter recipe for mode {mode}")
+
+
+def _save_load_adapter(checkpoint, folder, model, mode, variant, result):
+    """Save the adapter (_save_adapter); rank 0 loads it into a plain one-process PEFT model."""
+    from peft import PeftModel
+    from safetensors import safe_open
+
+    _save_adapter(model, folder, mode)
+    dist.barrier()
     if dist.get_rank() == 0:
-        model.save_pretrained(folder, state_dict=adapter_state)
-        result["saved_keys"] = sorted(adapter_state)
+        with safe_open(folder / "adapter_model.safetensors", "pt") as saved:
+            result["saved_keys"] = sorted(saved.keys())
         loaded = PeftModel.from_pretrained(_plain_model(checkpoint, variant), folder)
         result["one_process_loss"] = _eval_loss(loaded.eval(), _eval_batch())
         lora = {n: p for n, p in loaded.named_parameters() if ".lora_" in n}
@@ -401,17 +455,15 @@ def run_save_case(checkpoint, out, case):
     model = build(checkpoint, mode, "kernelize", variant, distributed=True)
     result = {"initial_loss": _eval_loss(model, _eval_batch())}
     result["initial_params"] = full_params(model, trainable_only=variant != "full")
-    optimizer = _train_one_step(model, rank)
-    if variant != "full" and mode in UNMANAGED_PEFT:
-        raise ValueError(f"{case}: not a recipe of docs/multi_gpu.md")
+    optimizer = _train_one_step(model, rank, mode, variant)
     result["loss"] = _eval_loss(model, _eval_batch())
     result["params"] = full_params(model, trainable_only=variant != "full")
     if mode == "fsdp2" and variant == "full":
         _save_load_fsdp2_full(checkpoint, folder, model, optimizer, result)
     elif mode == "hf-fsdp2" and variant == "full":
         _save_load_hf_fsdp2_full(checkpoint, folder, model, result)
-    elif mode == "fsdp2":
-        _save_load_adapter(checkpoint, folder, model, variant, result)
+    elif variant in ("lora", "qlora"):
+        _save_load_adapter(checkpoint, folder, model, mode, variant, result)
     else:
         raise ValueError(f"unknown save case {case}")
     return result
