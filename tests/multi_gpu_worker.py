@@ -13,6 +13,9 @@ A CASE is "mode:path:variant":
            eager-kernelize (kernelize without our experts implementation)
   variant  full (every weight trainable), lora (PEFT LoRA on the experts), qlora (4-bit experts
            + LoRA)
+WORKER_DEVICE=cuda (default cpu) runs on each rank's CUDA GPU with nccl instead of gloo (the
+real Triton kernels: leave TRITON_INTERPRET unset), WORKER_DTYPE=bfloat16 (default float32) the
+model in bf16 (scripts/gpu_multi_gpu_ws1.sh: world size 1 on one GPU).
 For each case every rank runs one forward + backward of the tiny model on its share of a fixed
 batch; rank 0 also runs the same model in one process (no process group) on the whole batch.
 Rank 0 writes OUT/CASE.pt: {"loss", "grads" (full tensors by parameter name), "ref_loss",
@@ -39,6 +42,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tiny_model import TINY_CONFIG, kernelize_moe, moe_blocks, sample_batch  # noqa: E402
 
 EXPERT_TARGETS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+DEVICE_TYPE = os.environ.get("WORKER_DEVICE", "cpu")
+DTYPE = getattr(torch, os.environ.get("WORKER_DTYPE", "float32"))
+
+
+def _device():
+    if DEVICE_TYPE == "cpu":
+        return torch.device("cpu")
+    return torch.device(DEVICE_TYPE, int(os.environ.get("LOCAL_RANK", "0")))
 # Modes whose ranks all see the same batch (Transformers gives a tensor-parallel group one batch).
 REPLICATED_BATCH = {"hf-ep", "hf-ep-router", "hf-tp"}
 # Modes in which nothing averages the gradients of PEFT parameters added after loading.
@@ -60,17 +71,18 @@ def _kernel():
 def _distributed_config(mode):
     from transformers.distributed import DistributedConfig
 
+    n = dist.get_world_size()
     return {
-        "hf-fsdp2": lambda: DistributedConfig(fsdp_size=2),
-        "hf-ep": lambda: DistributedConfig(ep_size=2, tp_size=2, tp_plan={}),
+        "hf-fsdp2": lambda: DistributedConfig(fsdp_size=n),
+        "hf-ep": lambda: DistributedConfig(ep_size=n, tp_size=n, tp_plan={}),
         "hf-ep-router": lambda: DistributedConfig(
-            ep_size=2,
-            tp_size=2,
+            ep_size=n,
+            tp_size=n,
             tp_plan={},
             ep_plan={"model.layers.*.mlp.gate": "ep_router", "model.layers.*.mlp.experts": "moe_tp_experts"},
         ),
-        "hf-fsdp-ep": lambda: DistributedConfig(fsdp_size=2, ep_size=2),
-        "hf-tp": lambda: DistributedConfig(tp_size=2),
+        "hf-fsdp-ep": lambda: DistributedConfig(fsdp_size=n, ep_size=n),
+        "hf-tp": lambda: DistributedConfig(tp_size=n),
     }[mode]()
 
 
@@ -94,10 +106,12 @@ def build(checkpoint, mode, path, variant, distributed: bool):
     # eager: Transformers' own experts; eager-kernelize: the kernelized block without our
     # experts implementation (which expert / tensor parallel needs: a clear error).
     ours = path == "impl" or (path == "kernelize" and mode in SHARDED_EXPERTS)
-    load = dict(dtype=torch.float32, experts_implementation="qwen3_moe_fused" if ours else "eager")
+    load = dict(dtype=DTYPE, experts_implementation="qwen3_moe_fused" if ours else "eager")
     if distributed and mode.startswith("hf-"):
-        load["distributed_config"] = _distributed_config(mode)
+        load["distributed_config"] = _distributed_config(mode)  # Transformers puts it on the rank's device
     model = Qwen3MoeForCausalLM.from_pretrained(checkpoint, **load)
+    if "distributed_config" not in load:
+        model.to(_device())
     if path in ("kernelize", "eager-kernelize"):
         # The MoE blocks only: kernelize(model) also resets the forward of the RMSNorm layers, which
         # drops the forward Transformers' tensor parallel installs on q_norm / k_norm.
@@ -145,7 +159,7 @@ def _wrap(model, mode):
     # without a reset, an FSDP2 case after a DDP one would run under DDP.
     AcceleratorState._reset_state()
     if mode == "acc-ddp":
-        return Accelerator(cpu=True).prepare_model(model)
+        return Accelerator(cpu=DEVICE_TYPE == "cpu").prepare_model(model)
     from accelerate.utils import FullyShardedDataParallelPlugin
 
     plugin = FullyShardedDataParallelPlugin(
@@ -158,7 +172,7 @@ def _wrap(model, mode):
         # cannot shard it); accelerate passes their parameters to fully_shard as ignored_params.
         ignored_modules=[m for m in model.modules() if _quantized_params(m) & set(m.parameters(recurse=False))] or None,
     )
-    accelerator = Accelerator(cpu=True, fsdp_plugin=plugin)
+    accelerator = Accelerator(cpu=DEVICE_TYPE == "cpu", fsdp_plugin=plugin)
     from accelerate.utils import DistributedType
 
     if accelerator.state.distributed_type != DistributedType.FSDP:
@@ -201,15 +215,16 @@ def _full(t):
 
 
 def gradients(model):
-    return {_clean(n): _full(p.grad).detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return {_clean(n): _full(p.grad).detach().cpu() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def _step(model, batches):
     """Mean loss over `batches` (as data-parallel ranks average their gradients), then backward."""
-    losses = [model(input_ids=i, attention_mask=m, labels=lab).loss for i, m, lab in batches]
+    device = _device()
+    losses = [model(input_ids=i.to(device), attention_mask=m.to(device), labels=lab.to(device)).loss for i, m, lab in batches]
     loss = sum(losses) / len(losses)
     loss.backward()
-    return loss.detach()
+    return loss.detach().float().cpu()
 
 
 def _storage_bytes(model):
@@ -245,8 +260,9 @@ def run_case(checkpoint, case):
     loss = _step(model, [per_rank[rank]])
     if variant != "full" and mode in UNMANAGED_PEFT:
         average_unmanaged_grads(model)
+    loss = loss.to(_device())
     dist.all_reduce(loss)
-    result["loss"] = loss / world
+    result["loss"] = loss.cpu() / world
     result["grads"] = gradients(model)
     return result
 
@@ -257,9 +273,9 @@ def run_case(checkpoint, case):
 def _eval_loss(model, batch):
     """Loss of the whole eval batch (every rank runs all of it: the sharded model gives the loss
     one process gives), no gradients."""
-    input_ids, attention_mask, labels = batch
+    input_ids, attention_mask, labels = (t.to(_device()) for t in batch)
     with torch.no_grad():
-        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss.detach()
+        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss.detach().float()
     _reshard(model)
     if dist.is_initialized() and _is_sharded(model):
         dist.all_reduce(loss)
@@ -333,7 +349,7 @@ def _plain_model(checkpoint, variant):
     from kernels import Mode
     from transformers import Qwen3MoeForCausalLM
 
-    model = Qwen3MoeForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, experts_implementation="eager")
+    model = Qwen3MoeForCausalLM.from_pretrained(checkpoint, dtype=DTYPE, experts_implementation="eager").to(_device())
     if variant == "qlora":
         for block in moe_blocks(model):
             kernelize_moe(block, Mode.TRAINING)
@@ -471,7 +487,9 @@ def run_save_case(checkpoint, out, case):
 
 def main():
     checkpoint, out, *cases = sys.argv[1:]
-    dist.init_process_group("gloo")
+    if DEVICE_TYPE == "cuda":
+        torch.cuda.set_device(_device())
+    dist.init_process_group("gloo" if DEVICE_TYPE == "cpu" else "nccl")
     if os.environ.get("WORKER_DUMP_AFTER"):
         import faulthandler
 
