@@ -15,13 +15,11 @@ Qwen3-235B-A22B on 8 GPUs (expert parallel: each GPU holds 16 of the 128 experts
 
     torchrun --nproc_per_node 8 examples/train_multi_gpu.py --model Qwen/Qwen3-235B-A22B --mode ep --finetune full
     torchrun --nproc_per_node 8 examples/train_multi_gpu.py --model Qwen/Qwen3-235B-A22B --mode ep --finetune lora
-    torchrun --nproc_per_node 8 examples/train_multi_gpu.py --model Qwen/Qwen3-235B-A22B --mode fsdp2 --finetune qlora
+    torchrun --nproc_per_node 8 examples/train_multi_gpu.py --model Qwen/Qwen3-235B-A22B --mode ep --finetune qlora
 
 (full fine-tuning of 235B with AdamW needs more than 8 x 141 GB: that line is for several
-nodes. 4-bit experts under expert parallel are not supported yet (quantize_experts_4bit raises
-on sharded experts), so 235B QLoRA runs with FSDP2 and every GPU holds all 4-bit experts,
-~128 GB: at the limit of an H200, short sequences only. docs/multi_gpu.md has the estimate for
-QLoRA with expert parallel.)
+nodes. QLoRA under expert parallel: each rank quantizes its own 16 experts a layer after
+loading them in 16-bit; docs/multi_gpu.md has the memory estimate.)
 
 On CPU, --tiny writes a tiny random checkpoint and runs the same code with gloo and Triton's
 interpreter (float32); tests/test_multi_gpu_example.py runs it with 2 ranks:

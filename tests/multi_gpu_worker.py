@@ -13,16 +13,19 @@ A CASE is "mode:path:variant":
            eager-kernelize (kernelize without our experts implementation)
   variant  full (every weight trainable), lora (PEFT LoRA on the experts), qlora (4-bit experts
            + LoRA)
+WORKER_DEVICE=cuda (default cpu) runs on each rank's CUDA GPU with nccl instead of gloo (the
+real Triton kernels: leave TRITON_INTERPRET unset), WORKER_DTYPE=bfloat16 (default float32) the
+model in bf16 (scripts/gpu_multi_gpu_ws1.sh: world size 1 on one GPU).
 For each case every rank runs one forward + backward of the tiny model on its share of a fixed
 batch; rank 0 also runs the same model in one process (no process group) on the whole batch.
 Rank 0 writes OUT/CASE.pt: {"loss", "grads" (full tensors by parameter name), "ref_loss",
 "ref_grads"} or {"error": message}.
 
-A "save:MODE:VARIANT" case (MODE fsdp2 or hf-fsdp2, the kernelized block) trains one AdamW
-step, saves a checkpoint the way docs/multi_gpu.md says (MODE fsdp2, full: torch DCP of model
-and optimizer; hf-fsdp2: save_pretrained, gathered and distributed_checkpoint=True; lora /
-qlora: the adapter gathered, then PEFT's save_pretrained on rank 0), loads it back and writes
-the losses of the whole eval batch (see run_save_case).
+A "save:MODE:VARIANT" case (the kernelized block) trains one AdamW step, saves a checkpoint
+the way docs/multi_gpu.md says (full, MODE fsdp2: torch DCP of model and optimizer; hf-fsdp2:
+save_pretrained, gathered and distributed_checkpoint=True; lora / qlora, MODE fsdp2, acc-fsdp2,
+ddp, acc-ddp, hf-fsdp2 or hf-ep: PEFT's adapter files, see _save_adapter), loads it back and
+writes the losses of the whole eval batch (see run_save_case).
 """
 
 import copy
@@ -39,6 +42,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tiny_model import TINY_CONFIG, kernelize_moe, moe_blocks, sample_batch  # noqa: E402
 
 EXPERT_TARGETS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+DEVICE_TYPE = os.environ.get("WORKER_DEVICE", "cpu")
+DTYPE = getattr(torch, os.environ.get("WORKER_DTYPE", "float32"))
+
+
+def _device():
+    if DEVICE_TYPE == "cpu":
+        return torch.device("cpu")
+    return torch.device(DEVICE_TYPE, int(os.environ.get("LOCAL_RANK", "0")))
 # Modes whose ranks all see the same batch (Transformers gives a tensor-parallel group one batch).
 REPLICATED_BATCH = {"hf-ep", "hf-ep-router", "hf-tp"}
 # Modes in which nothing averages the gradients of PEFT parameters added after loading.
@@ -60,17 +71,18 @@ def _kernel():
 def _distributed_config(mode):
     from transformers.distributed import DistributedConfig
 
+    n = dist.get_world_size()
     return {
-        "hf-fsdp2": lambda: DistributedConfig(fsdp_size=2),
-        "hf-ep": lambda: DistributedConfig(ep_size=2, tp_size=2, tp_plan={}),
+        "hf-fsdp2": lambda: DistributedConfig(fsdp_size=n),
+        "hf-ep": lambda: DistributedConfig(ep_size=n, tp_size=n, tp_plan={}),
         "hf-ep-router": lambda: DistributedConfig(
-            ep_size=2,
-            tp_size=2,
+            ep_size=n,
+            tp_size=n,
             tp_plan={},
             ep_plan={"model.layers.*.mlp.gate": "ep_router", "model.layers.*.mlp.experts": "moe_tp_experts"},
         ),
-        "hf-fsdp-ep": lambda: DistributedConfig(fsdp_size=2, ep_size=2),
-        "hf-tp": lambda: DistributedConfig(tp_size=2),
+        "hf-fsdp-ep": lambda: DistributedConfig(fsdp_size=n, ep_size=n),
+        "hf-tp": lambda: DistributedConfig(tp_size=n),
     }[mode]()
 
 
@@ -94,10 +106,12 @@ def build(checkpoint, mode, path, variant, distributed: bool):
     # eager: Transformers' own experts; eager-kernelize: the kernelized block without our
     # experts implementation (which expert / tensor parallel needs: a clear error).
     ours = path == "impl" or (path == "kernelize" and mode in SHARDED_EXPERTS)
-    load = dict(dtype=torch.float32, experts_implementation="qwen3_moe_fused" if ours else "eager")
+    load = dict(dtype=DTYPE, experts_implementation="qwen3_moe_fused" if ours else "eager")
     if distributed and mode.startswith("hf-"):
-        load["distributed_config"] = _distributed_config(mode)
+        load["distributed_config"] = _distributed_config(mode)  # Transformers puts it on the rank's device
     model = Qwen3MoeForCausalLM.from_pretrained(checkpoint, **load)
+    if "distributed_config" not in load:
+        model.to(_device())
     if path in ("kernelize", "eager-kernelize"):
         # The MoE blocks only: kernelize(model) also resets the forward of the RMSNorm layers, which
         # drops the forward Transformers' tensor parallel installs on q_norm / k_norm.
@@ -139,9 +153,13 @@ def _wrap(model, mode):
             fully_shard(layer, ignored_params=ignored or None)
         return fully_shard(model, ignored_params=ignored or None)
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
+    # accelerate keeps its state (DDP or FSDP, the plugin) process-wide from the first Accelerator:
+    # without a reset, an FSDP2 case after a DDP one would run under DDP.
+    AcceleratorState._reset_state()
     if mode == "acc-ddp":
-        return Accelerator(cpu=True).prepare_model(model)
+        return Accelerator(cpu=DEVICE_TYPE == "cpu").prepare_model(model)
     from accelerate.utils import FullyShardedDataParallelPlugin
 
     plugin = FullyShardedDataParallelPlugin(
@@ -150,8 +168,28 @@ def _wrap(model, mode):
         transformer_cls_names_to_wrap=["Qwen3MoeDecoderLayer"],
         cpu_ram_efficient_loading=False,
         state_dict_type="SHARDED_STATE_DICT",
+        # 4-bit experts: the modules owning the uint8 storage stay out of the sharding (FSDP2
+        # cannot shard it); accelerate passes their parameters to fully_shard as ignored_params.
+        ignored_modules=[m for m in model.modules() if _quantized_params(m) & set(m.parameters(recurse=False))] or None,
     )
-    return Accelerator(cpu=True, fsdp_plugin=plugin).prepare_model(model)
+    accelerator = Accelerator(cpu=DEVICE_TYPE == "cpu", fsdp_plugin=plugin)
+    from accelerate.utils import DistributedType
+
+    if accelerator.state.distributed_type != DistributedType.FSDP:
+        # accelerate 1.15 turns FSDP on only for accelerator devices (MULTI_GPU, ...), not for
+        # MULTI_CPU (gloo) nor one process: set what it sets there, so prepare_model runs its FSDP2 code.
+        accelerator.state.distributed_type = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = plugin
+    # accelerate's FSDP2 prepares the model with its optimizer (it re-points the optimizer at the
+    # sharded parameters); _train_one_step takes that one.
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    wrapped.prepared_optimizer = optimizer
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(wrapped, FSDPModule):
+        raise RuntimeError(f"accelerate did not apply FSDP2: {type(wrapped).__name__}")
+    return wrapped
 
 
 def _batches(mode, world_size):
@@ -177,15 +215,21 @@ def _full(t):
 
 
 def gradients(model):
-    return {_clean(n): _full(p.grad).detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return {_clean(n): _full(p.grad).detach().cpu() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def _step(model, batches):
     """Mean loss over `batches` (as data-parallel ranks average their gradients), then backward."""
-    losses = [model(input_ids=i, attention_mask=m, labels=lab).loss for i, m, lab in batches]
+    device = _device()
+    losses = [model(input_ids=i.to(device), attention_mask=m.to(device), labels=lab.to(device)).loss for i, m, lab in batches]
     loss = sum(losses) / len(losses)
     loss.backward()
-    return loss.detach()
+    return loss.detach().float().cpu()
+
+
+def _storage_bytes(model):
+    """Bytes of 4-bit expert storage this rank holds (its local shards under expert parallel)."""
+    return sum(_local(p).numel() for p in model.parameters() if getattr(p, "quant_type", None) is not None)
 
 
 def average_unmanaged_grads(model):
@@ -209,13 +253,16 @@ def run_case(checkpoint, case):
         ref = build(checkpoint, mode, path, variant, distributed=False)
         result["ref_loss"] = _step(ref, whole)
         result["ref_grads"] = gradients(ref)
+        result["ref_storage_bytes"] = _storage_bytes(ref)
         del ref
     model = build(checkpoint, mode, path, variant, distributed=True)
+    result["storage_bytes"] = _storage_bytes(model)
     loss = _step(model, [per_rank[rank]])
     if variant != "full" and mode in UNMANAGED_PEFT:
         average_unmanaged_grads(model)
+    loss = loss.to(_device())
     dist.all_reduce(loss)
-    result["loss"] = loss / world
+    result["loss"] = loss.cpu() / world
     result["grads"] = gradients(model)
     return result
 
@@ -226,9 +273,9 @@ def run_case(checkpoint, case):
 def _eval_loss(model, batch):
     """Loss of the whole eval batch (every rank runs all of it: the sharded model gives the loss
     one process gives), no gradients."""
-    input_ids, attention_mask, labels = batch
+    input_ids, attention_mask, labels = (t.to(_device()) for t in batch)
     with torch.no_grad():
-        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss.detach()
+        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss.detach().float()
     _reshard(model)
     if dist.is_initialized() and _is_sharded(model):
         dist.all_reduce(loss)
@@ -263,11 +310,15 @@ def full_params(model, trainable_only=False):
     }
 
 
-def _train_one_step(model, rank):
-    """One AdamW step on this rank's row of the training batch; -> the optimizer."""
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    input_ids, attention_mask, labels = sample_batch(TINY_CONFIG["vocab_size"], batch=2, seq_len=11)
-    _step(model, [(input_ids[rank : rank + 1], attention_mask[rank : rank + 1], labels[rank : rank + 1])])
+def _train_one_step(model, rank, mode, variant):
+    """One AdamW step on this rank's share of the training batch (_batches); -> the optimizer."""
+    optimizer = getattr(model, "prepared_optimizer", None)  # accelerate FSDP2 (_wrap)
+    if optimizer is None:
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    per_rank, _ = _batches(mode, dist.get_world_size())
+    _step(model, [per_rank[rank]])
+    if variant != "full" and mode in UNMANAGED_PEFT:
+        average_unmanaged_grads(model)  # docs/multi_gpu.md, footnote (1)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return optimizer
@@ -298,7 +349,7 @@ def _plain_model(checkpoint, variant):
     from kernels import Mode
     from transformers import Qwen3MoeForCausalLM
 
-    model = Qwen3MoeForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, experts_implementation="eager")
+    model = Qwen3MoeForCausalLM.from_pretrained(checkpoint, dtype=DTYPE, experts_implementation="eager").to(_device())
     if variant == "qlora":
         for block in moe_blocks(model):
             kernelize_moe(block, Mode.TRAINING)
@@ -360,17 +411,43 @@ def _save_load_hf_fsdp2_full(checkpoint, folder, model, result):
         result["consolidated_loss"] = _eval_loss(_plain_model(consolidated, "full"), _eval_batch())
 
 
-def _save_load_adapter(checkpoint, folder, model, variant, result):
-    """The adapter of a fully_shard model: gather the trainable parameters (full tensors on rank
-    0), PEFT's save_pretrained writes them; a plain one-process PEFT model loads them."""
-    from peft import PeftModel
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+def _save_adapter(model, folder, mode):
+    """PEFT's adapter files of the trained `model`, written the way docs/multi_gpu.md says for
+    `mode` (every rank calls this)."""
+    rank = dist.get_rank()
+    if mode in ("fsdp2", "acc-fsdp2"):
+        # LoRA factors are DTensor shards: gather the trainable parameters (full tensors on rank 0).
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-    adapter_state = get_model_state_dict(model, options=options)  # every rank; {} on ranks > 0
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+        adapter_state = get_model_state_dict(model, options=options)  # every rank; {} on ranks > 0
+        if rank == 0:
+            model.save_pretrained(folder, state_dict=adapter_state)
+    elif mode in ("ddp", "acc-ddp"):
+        # The factors are whole and equal on every rank: rank 0 writes those of the wrapped model
+        # (accelerate: accelerator.unwrap_model(model), which is extract_model_from_parallel).
+        from accelerate.utils import extract_model_from_parallel
+
+        if rank == 0:
+            extract_model_from_parallel(model).save_pretrained(folder)
+    elif mode in ("hf-fsdp2", "hf-ep"):
+        # DistributedConfig: the factors are whole plain tensors on every rank (fsdp_size: PEFT's,
+        # unmanaged, gradients averaged by hand; ep_size: gradients summed over the shards).
+        model.save_pretrained(folder, is_main_process=rank == 0)
+    else:
+        raise ValueError(f"no adapter recipe for mode {mode}")
+
+
+def _save_load_adapter(checkpoint, folder, model, mode, variant, result):
+    """Save the adapter (_save_adapter); rank 0 loads it into a plain one-process PEFT model."""
+    from peft import PeftModel
+    from safetensors import safe_open
+
+    _save_adapter(model, folder, mode)
+    dist.barrier()
     if dist.get_rank() == 0:
-        model.save_pretrained(folder, state_dict=adapter_state)
-        result["saved_keys"] = sorted(adapter_state)
+        with safe_open(folder / "adapter_model.safetensors", "pt") as saved:
+            result["saved_keys"] = sorted(saved.keys())
         loaded = PeftModel.from_pretrained(_plain_model(checkpoint, variant), folder)
         result["one_process_loss"] = _eval_loss(loaded.eval(), _eval_batch())
         lora = {n: p for n, p in loaded.named_parameters() if ".lora_" in n}
@@ -394,17 +471,15 @@ def run_save_case(checkpoint, out, case):
     model = build(checkpoint, mode, "kernelize", variant, distributed=True)
     result = {"initial_loss": _eval_loss(model, _eval_batch())}
     result["initial_params"] = full_params(model, trainable_only=variant != "full")
-    optimizer = _train_one_step(model, rank)
-    if variant != "full" and mode in UNMANAGED_PEFT:
-        raise ValueError(f"{case}: not a recipe of docs/multi_gpu.md")
+    optimizer = _train_one_step(model, rank, mode, variant)
     result["loss"] = _eval_loss(model, _eval_batch())
     result["params"] = full_params(model, trainable_only=variant != "full")
     if mode == "fsdp2" and variant == "full":
         _save_load_fsdp2_full(checkpoint, folder, model, optimizer, result)
     elif mode == "hf-fsdp2" and variant == "full":
         _save_load_hf_fsdp2_full(checkpoint, folder, model, result)
-    elif mode == "fsdp2":
-        _save_load_adapter(checkpoint, folder, model, variant, result)
+    elif variant in ("lora", "qlora"):
+        _save_load_adapter(checkpoint, folder, model, mode, variant, result)
     else:
         raise ValueError(f"unknown save case {case}")
     return result
@@ -412,7 +487,9 @@ def run_save_case(checkpoint, out, case):
 
 def main():
     checkpoint, out, *cases = sys.argv[1:]
-    dist.init_process_group("gloo")
+    if DEVICE_TYPE == "cuda":
+        torch.cuda.set_device(_device())
+    dist.init_process_group("gloo" if DEVICE_TYPE == "cpu" else "nccl")
     if os.environ.get("WORKER_DUMP_AFTER"):
         import faulthandler
 

@@ -9,7 +9,8 @@ here by its message. docs/multi_gpu.md lists the modes.
 Checkpoints (the "save:" cases of the worker, one more torchrun): train one AdamW step on the
 2 ranks, save as docs/multi_gpu.md "Checkpoints" says, load back into a fresh sharded model
 (same parameters, same loss) and into a plain model of one process (same loss as the sharded
-one within float32 tolerance: the plain model runs Transformers' eager experts).
+one within float32 tolerance: the plain model runs Transformers' eager experts); adapters of
+LoRA / QLoRA under every engine that trains them load into a plain one-process PEFT model.
 """
 
 import os
@@ -45,9 +46,11 @@ WORKS = [
     "hf-ep:kernelize:full",
     "hf-ep:impl:full",
     "hf-ep:kernelize:lora",
+    "hf-ep:kernelize:qlora",
     "hf-ep-router:kernelize:full",
     "hf-ep-router:impl:full",
     "hf-ep-router:kernelize:lora",
+    "hf-ep-router:kernelize:qlora",
     "hf-fsdp-ep:kernelize:lora",
     "hf-tp:kernelize:full",
     "hf-tp:impl:full",
@@ -59,8 +62,9 @@ WORKS = [
 # case -> a piece of the clear error it raises at set-up or on the first forward
 RAISES = {
     "fsdp2-all:kernelize:qlora": "keep the 4-bit expert tensors out of it",
-    "hf-fsdp2:kernelize:qlora": "4-bit experts cannot be sharded",
-    "hf-ep:kernelize:qlora": "4-bit experts cannot be sharded",
+    "hf-fsdp2:kernelize:qlora": "4-bit experts cannot be sharded by FSDP2",
+    "hf-fsdp-ep:kernelize:qlora": "4-bit experts cannot be sharded by FSDP2",
+    "hf-tp:kernelize:qlora": "4-bit experts cannot be split inside an expert",
     "hf-ep:eager-kernelize:full": "Load the model with experts_implementation=\"qwen3_moe_fused\"",
 }
 # Transformers 5.22.2's own bug, with its eager experts too: expert-weight gradients are half the
@@ -104,6 +108,10 @@ def test_matches_one_process(results, case):
     _assert_matches_one_process(results[case])
     if case.endswith("lora"):
         assert any(".lora_A." in name for name in results[case]["grads"])
+    if case.endswith("qlora"):
+        held, whole = results[case]["storage_bytes"], results[case]["ref_storage_bytes"]
+        # Expert parallel: each rank quantized its own half of the experts; else all of them.
+        assert held > 0 and held * (2 if case.startswith("hf-ep") else 1) == whole, (held, whole)
 
 
 @pytest.mark.parametrize("case", RAISES)
@@ -119,7 +127,20 @@ def test_transformers_fsdp_ep_full_finetuning(results, case):
 
 # ---------------------------------------------------------------- checkpoints
 
-SAVES = ["save:fsdp2:full", "save:hf-fsdp2:full", "save:fsdp2:lora", "save:fsdp2:qlora"]
+# Adapters (LoRA on the experts; qlora: 4-bit experts + LoRA) under each engine that trains them.
+ADAPTER_SAVES = [
+    "save:fsdp2:lora",
+    "save:fsdp2:qlora",
+    "save:acc-fsdp2:lora",
+    "save:acc-fsdp2:qlora",
+    "save:ddp:lora",
+    "save:ddp:qlora",
+    "save:acc-ddp:lora",
+    "save:acc-ddp:qlora",
+    "save:hf-fsdp2:lora",
+    "save:hf-ep:qlora",
+]
+SAVES = ["save:fsdp2:full", "save:hf-fsdp2:full", *ADAPTER_SAVES]
 
 
 @pytest.fixture(scope="module")
@@ -170,10 +191,13 @@ def test_transformers_fsdp2_save_pretrained(saved):
     assert rel_err(result["consolidated_loss"], result["loss"]) <= RTOL, "distributed_checkpoint, consolidated"
 
 
-@pytest.mark.parametrize("case", ["save:fsdp2:lora", "save:fsdp2:qlora"])
-def test_fsdp2_adapter_loads_into_one_process(saved, case):
-    """The adapter of a fully_shard PEFT model (qlora: 4-bit experts in ignored_params),
-    gathered and written by PEFT's save_pretrained on rank 0, loads into a plain PEFT model."""
+@pytest.mark.parametrize("case", ADAPTER_SAVES)
+def test_adapter_loads_into_one_process(saved, case):
+    """The adapter trained under each engine, saved as docs/multi_gpu.md says for it (fully_shard
+    / accelerate FSDP2: gathered, then PEFT's save_pretrained on rank 0; DDP: rank 0 saves the
+    unwrapped model; DistributedConfig: save_pretrained(is_main_process=rank == 0) on every rank),
+    loads into a plain one-process PEFT model (qlora: the same 4-bit experts) with the trained
+    parameters and loss."""
     result = saved[case]
     _assert_trained(result)
     assert result["saved_keys"] and all(".lora_" in key for key in result["saved_keys"]), result["saved_keys"]

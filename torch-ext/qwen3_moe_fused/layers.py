@@ -7,7 +7,7 @@ from torch import nn
 from .checks import check_experts_inputs, check_lora, weight_like
 from .functional import moe_experts
 from .parallel import call_sharded_experts, is_dtensor, is_sharded_experts, take_lora
-from .quant import is_quantized
+from .quant import expert_tensor, is_quantized
 from .quant.experts import EXPERT_TENSORS
 from .shared_expert import fused_shared_inputs
 from .wrappers import is_supported, lora_factors, parametrized_lora, unwrap_experts
@@ -30,7 +30,7 @@ def _autocast(*tensors: torch.Tensor) -> list[torch.Tensor]:
 def _check_expert_tensors(self: nn.Module) -> None:
     """Clear errors for expert tensors that a distributed engine left in a form the kernels cannot read."""
     for name in ("gate_up_proj", "down_proj"):
-        weight = getattr(self, name)
+        weight = expert_tensor(self, name)
         if is_dtensor(weight):
             raise TypeError(
                 f"qwen3_moe_fused: experts.{name} is a DTensor: run sharded experts through the forward "
@@ -76,7 +76,7 @@ def experts_forward(
         # are parametrized as W + s·B@A: take the factors instead of PEFT's folded weight.
         (gate_up, gate_up_lora), (down, down_lora) = (parametrized_lora(self, name) for name in EXPERT_TENSORS)
     else:
-        gate_up, down = self.gate_up_proj, self.down_proj
+        gate_up, down = (expert_tensor(self, name) for name in EXPERT_TENSORS)
     x, gate_up, down = _autocast(hidden_states, gate_up, down)
     gate_up_lora, down_lora = (None if lora is None else tuple(_autocast(*lora)) for lora in (gate_up_lora, down_lora))
     gate_up_like, down_like = weight_like(gate_up, x.dtype), weight_like(down, x.dtype)

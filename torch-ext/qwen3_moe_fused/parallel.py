@@ -55,7 +55,8 @@ def _local_index(weight: Tensor, dim: int) -> Tensor | None:
         sharded |= not isinstance(placements[-1], Replicate)
     if not sharded:
         return None
-    index = torch.arange(weight.shape[dim], device=weight.device_mesh.device_type)
+    # ds_shape: the dense (E, out, in) of 4-bit storage sharded by expert (quant/experts.py)
+    index = torch.arange(getattr(weight, "ds_shape", weight.shape)[dim], device=weight.device_mesh.device_type)
     # src_data_rank=None: each rank takes its own chunk, no communication.
     return distribute_tensor(index, weight.device_mesh, placements, src_data_rank=None).to_local().to(weight.device)
 

@@ -10,7 +10,7 @@ and the adapter state (`active_adapters`, `disable_adapters`, `merged`).
 import torch
 from torch import nn
 
-from .quant import nf4_weight
+from .quant import expert_tensor, nf4_weight
 
 
 def unwrap_experts(experts: nn.Module) -> tuple[nn.Module, dict[str, nn.Module]]:
@@ -45,9 +45,11 @@ def lora_factors(wrapper: nn.Module | None, weight: torch.Tensor) -> tuple[torch
     adapters = [name for name in wrapper.active_adapters if name in wrapper.lora_A]
     if wrapper.merged or not adapters:
         return None
-    quantized = nf4_weight(weight)  # 4-bit: its dense shape and the dtype it was quantized from
-    num_experts, out_features, in_features = weight.shape if quantized is None else quantized.shape
-    dtype = weight.dtype if quantized is None else quantized.dtype
+    if getattr(weight, "quant_type", None) == "nf4":
+        # 4-bit: the dense shape of the whole tensor (all ranks, under expert parallel) and the dtype quantized
+        (num_experts, out_features, in_features), dtype = weight.ds_shape, weight.quant_dtype
+    else:
+        (num_experts, out_features, in_features), dtype = weight.shape, weight.dtype
     factors_a, factors_b = [], []
     for name in adapters:
         lora_a = wrapper.lora_A[name].weight
@@ -73,7 +75,7 @@ def parametrized_lora(module: nn.Module, name: str) -> tuple[torch.Tensor, tuple
     """
     parametrizations = getattr(module, "parametrizations", None)
     if parametrizations is None or name not in parametrizations:
-        return getattr(module, name), None
+        return expert_tensor(module, name), None
     chain = parametrizations[name]
     proxy = chain[0] if len(chain) == 1 else None
     weight = chain.original

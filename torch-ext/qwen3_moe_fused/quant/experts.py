@@ -20,6 +20,18 @@ with the saved blocksize (the shapes then match), then `model.load_state_dict(st
 `safetensors.torch.load_model(model, path)`: the bytes are copied as they are, lossless. (Not
 `assign=True`: that would replace the Parameter and drop its attributes.) `torch.save` of the
 Parameter and `copy.deepcopy` of the model keep them too.
+
+Under Transformers' expert parallel (`DistributedConfig(ep_size=N)`, either of its plans) the
+expert tensors are DTensors sharded by expert, and the forward Transformers installs on the
+experts module hands the experts function their local parts. Each rank then quantizes its own
+shard (E/N experts): the module's Parameter stays a DTensor, of the uint8 storage sharded the
+same way (so Transformers' forward still sees sharded experts and, with the router plan,
+all-reduces their output), carrying `quant_type`, `quant_dtype`, `quant_blocksize` and
+`ds_shape` = the whole (E, out, in) tensor (PEFT's LoRA factors stay whole on every rank); the
+local Nf4Parameter (`quant_shape` (E/N, out, in)) is kept on the experts module, and
+`expert_tensor(module, name)` gives it in place of the plain local view Transformers' forward
+swaps in. FSDP2 sharding (Transformers' `fsdp_size`, or `fully_shard` before quantizing) and
+tensor parallel cannot shard 4-bit storage: a clear error.
 """
 
 import copy
@@ -29,10 +41,12 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ..parallel import is_dtensor
+from ..parallel import FSDPModule, is_dtensor
 from .nf4 import check_blocksize, dequantize_nf4, num_blocks, quantize_nf4_into
 
 EXPERT_TENSORS = ("gate_up_proj", "down_proj")
+# Attribute of an expert-parallel experts module: {tensor name: this rank's local Nf4Parameter}.
+_LOCAL_4BIT = "_qwen3_moe_fused_local_4bit"
 
 
 class Nf4Weight(NamedTuple):
@@ -67,14 +81,38 @@ def nf4_views(storage: Tensor, shape, dtype: torch.dtype, blocksize: int) -> Nf4
 
 
 def nf4_weight(param: Tensor | None) -> Nf4Weight | None:
-    """The codes / absmax views of a tensor made by quantize_experts_4bit, None for any other tensor."""
+    """The codes / absmax views of a tensor made by quantize_experts_4bit, None for any other tensor
+    (a sharded 4-bit DTensor too: its local part is `expert_tensor(module, name)` in the forward)."""
     if getattr(param, "quant_type", None) != "nf4" or param.dtype != torch.uint8 or param.dim() != 1:
+        return None
+    if is_dtensor(param):
         return None
     return nf4_views(param, param.quant_shape, param.quant_dtype, param.quant_blocksize)
 
 
 def is_quantized(t: Tensor | None) -> bool:
     return nf4_weight(t) is not None
+
+
+def is_sharded_4bit(t: Tensor | None) -> bool:
+    """A DTensor of 4-bit storage sharded by expert (quantize_experts_4bit under expert parallel)."""
+    return is_dtensor(t) and getattr(t, "quant_type", None) == "nf4"
+
+
+def expert_tensor(module: nn.Module, name: str) -> Tensor:
+    """`module.<name>` as the kernels read it. Inside the forward Transformers' expert parallel
+    installs, a sharded tensor is swapped for its local part: for 4-bit storage a plain uint8
+    view, which is replaced here by the local Nf4Parameter it views (codes, scales, shape)."""
+    weight = getattr(module, name)
+    local = vars(module).get(_LOCAL_4BIT, {}).get(name)
+    if local is None or is_dtensor(weight) or is_quantized(weight):
+        return weight
+    if weight.dtype != torch.uint8 or weight.shape != local.shape or weight.data_ptr() != local.data_ptr():
+        raise RuntimeError(
+            f"qwen3_moe_fused: experts.{name} is not the 4-bit local shard quantize_experts_4bit made under "
+            "expert parallel (moved or replaced since): call quantize_experts_4bit after the model is on its device"
+        )
+    return local
 
 
 _FORWARD_HELP = (
@@ -183,7 +221,56 @@ def _quantize_param(param: Tensor, blocksize: int) -> nn.Parameter:
 
 
 def _is_expert_tensor(param: Tensor | None) -> bool:
-    return param is not None and (is_quantized(param) or (param.dim() == 3 and param.is_floating_point()))
+    if param is None:
+        return False
+    return is_quantized(param) or is_sharded_4bit(param) or (param.dim() == 3 and param.is_floating_point())
+
+
+def _fsdp_managed(model: nn.Module) -> set[int]:
+    """ids of the modules that FSDP2 (fully_shard) manages: FSDP modules and everything inside them."""
+    return {id(m) for root in model.modules() if isinstance(root, FSDPModule) for m in root.modules()}
+
+
+def _check_expert_parallel(module: nn.Module, name: str, param: Tensor, fsdp_managed: bool) -> None:
+    """Raise unless `param` is sharded by Transformers' expert parallel alone (by expert, under
+    the forward it installs), the one sharding whose local parts are whole experts."""
+    if fsdp_managed or "forward" not in vars(module):
+        raise ValueError(
+            f"quantize_experts_4bit: {name} is a DTensor sharded by FSDP2 (Transformers' "
+            "DistributedConfig(fsdp_size=N), alone or with ep_size, or fully_shard applied before quantizing): "
+            "4-bit experts cannot be sharded by FSDP2. Use DistributedConfig(ep_size=N) without fsdp_size "
+            "(each rank quantizes its own experts), DDP, or torch fully_shard applied after quantizing, with the "
+            "4-bit tensors in ignored_params"
+        )
+    if not all(p.is_replicate() or (p.is_shard() and p.dim == 0) for p in param.placements):
+        raise ValueError(
+            f"quantize_experts_4bit: {name} is sharded by Transformers' tensor parallel ({param.placements}, "
+            "DistributedConfig(tp_size=N) without ep_size): 4-bit experts cannot be split inside an expert. "
+            "Use expert parallel: DistributedConfig(ep_size=N, tp_size=N, tp_plan={}) or its router plan"
+        )
+
+
+@torch.no_grad()
+def _quantize_shard(module: nn.Module, name: str, param: Tensor, blocksize: int) -> nn.Parameter:
+    """Quantize this rank's expert shard of the DTensor `param`; -> a DTensor Parameter of the
+    uint8 storage sharded the same way (module keeps the local Nf4Parameter)."""
+    from torch.distributed.tensor import DTensor
+
+    local = _quantize_param(param.to_local(), blocksize)
+    local.quant_requires_grad = param.requires_grad
+    vars(module).setdefault(_LOCAL_4BIT, {})[name] = local
+    shards = prod(param.device_mesh.size(i) for i, p in enumerate(param.placements) if p.is_shard())
+    storage = DTensor.from_local(
+        local.data.as_subclass(Tensor), param.device_mesh, param.placements, run_check=False,
+        shape=(shards * local.numel(),), stride=(1,),
+    )  # fmt: skip
+    sharded = nn.Parameter(storage, requires_grad=False)
+    sharded.quant_type = "nf4"
+    sharded.quant_dtype = param.dtype
+    sharded.quant_blocksize = blocksize
+    sharded.quant_requires_grad = param.requires_grad
+    sharded.ds_shape = param.shape  # the whole tensor: PEFT sizes its (replicated) LoRA factors from it
+    return sharded
 
 
 def _experts_modules(model: nn.Module) -> list[nn.Module]:
@@ -206,18 +293,19 @@ def quantize_experts_4bit(model: nn.Module, quant_type: str = "nf4", blocksize: 
         raise ValueError(
             f"no Qwen3 MoE experts in {type(model).__name__}: expected modules with 3-D gate_up_proj and down_proj"
         )
+    fsdp_managed = _fsdp_managed(model)
     for module in experts:
         for name in EXPERT_TENSORS:
             param = module._parameters[name]
+            if is_quantized(param) or is_sharded_4bit(param):
+                continue
             if is_dtensor(param):
-                raise ValueError(
-                    f"quantize_experts_4bit: {name} is a DTensor (sharded by FSDP2 or by Transformers' "
-                    "DistributedConfig expert / tensor parallel): 4-bit experts cannot be sharded. Quantize "
-                    "an unsharded model and use DDP, or FSDP2 with the 4-bit tensors in ignored_params"
-                )
-            if not is_quantized(param):
-                setattr(module, name, _quantize_param(param, blocksize))
-                del param  # the 16-bit tensor is freed once nothing else holds it
+                _check_expert_parallel(module, name, param, id(module) in fsdp_managed)
+                quantized = _quantize_shard(module, name, param, blocksize)
+            else:
+                quantized = _quantize_param(param, blocksize)
+            setattr(module, name, quantized)
+            del param  # the 16-bit tensor is freed once nothing else holds it
     return model
 
 
@@ -227,6 +315,11 @@ def dequantize_experts_4bit(model: nn.Module) -> nn.Module:
     quant_dtype (bitsandbytes' dequantize_4bit values), requires_grad as before quantizing."""
     for module in model.modules():
         for name, param in list(module._parameters.items()):
+            if is_sharded_4bit(param):
+                raise NotImplementedError(
+                    f"dequantize_experts_4bit: {name} is 4-bit storage sharded by expert parallel; dequantize a "
+                    "model of one process (load the adapter there to merge it)"
+                )
             weight = nf4_weight(param)
             if weight is None:
                 continue
