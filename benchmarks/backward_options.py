@@ -89,7 +89,7 @@ def main():
             if cuda:
                 torch.cuda.empty_cache()
     finally:
-        tuning.FUSE_DSWIGLU, functional.dw_config = None, dw_lookup
+        tuning.FUSE_DSWIGLU, functional.dw_config = False, dw_lookup
     print("\n| case | tokens | " + " | ".join(OPTIONS) + " |\n|---|---|" + "---|" * len(OPTIONS))
     for name in dict.fromkeys(r[0] for r in rows):
         cells = [r for r in rows if r[0] == name]

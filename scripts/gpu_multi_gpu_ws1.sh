@@ -48,6 +48,8 @@ for case in cases:
     if "error" in result:
         failed += 1
         print(f"{case:32s} FAIL {result['error'][:300]}")
+        if "traceback" in result:
+            print("    " + result["traceback"][-1500:].replace("\n", "\n    "))
         continue
     ref = result["ref_grads"]
     same_keys = bool(ref) and result["grads"].keys() == ref.keys()

@@ -110,7 +110,8 @@ def build(checkpoint, mode, path, variant, distributed: bool):
     if distributed and mode.startswith("hf-"):
         load["distributed_config"] = _distributed_config(mode)  # Transformers puts it on the rank's device
     model = Qwen3MoeForCausalLM.from_pretrained(checkpoint, **load)
-    if "distributed_config" not in load:
+    if next(model.parameters()).device.type != DEVICE_TYPE:
+        # Not placed by Transformers: no distributed_config, or one of size 1 (which it ignores).
         model.to(_device())
     if path in ("kernelize", "eager-kernelize"):
         # The MoE blocks only: kernelize(model) also resets the forward of the RMSNorm layers, which

@@ -229,13 +229,3 @@ def test_backward_options_match(kernel, monkeypatch, case):
     for a, b in zip(run(), plain):
         assert torch.equal(a, b)
 
-
-def test_fuse_dswiglu_by_row_tile(kernel, monkeypatch):
-    """The shipped choice: the fused SwiGLU backward with up to 64-row tiles, the separate kernel
-    with 128-row tiles (tuning.fuse_dswiglu); FUSE_DSWIGLU forces either."""
-    tuning = kernel.tuning
-    assert tuning.FUSE_DSWIGLU is None
-    assert [tuning.fuse_dswiglu(bm) for bm in (16, 32, 64, 128)] == [True, True, True, False]
-    for forced in (True, False):
-        monkeypatch.setattr(tuning, "FUSE_DSWIGLU", forced)
-        assert [tuning.fuse_dswiglu(bm) for bm in (16, 128)] == [forced, forced]

@@ -316,8 +316,10 @@ GPU_SHAPES = [
 @pytest.mark.parametrize("name,hidden,inter,experts,top_k,shared", GPU_SHAPES)
 def test_gpu_block_bf16_real_shapes(kernel, name, hidden, inter, experts, top_k, shared, tokens):
     """One block of the real shape in bf16 on CUDA: our layer, separate and with the shared
-    expert joined, against Transformers' block with its eager experts loop (output, input and
-    every weight gradient within bf16 rounding of each other)."""
+    expert joined, against Transformers' block in float32 (eager experts loop) on the same
+    weights: output, input gradient and every weight gradient within max(2e-2, 3x the error of
+    Transformers' own bf16 block). At 1 token bf16 rounding of the routing-weight gradient alone
+    moves the router's gradient by a few percent, for Transformers' bf16 block too."""
     family = FAMILIES[name]
     config = family.make_config(hidden_size=hidden, moe_intermediate_size=inter, num_experts=experts,
                                 num_experts_per_tok=top_k, shared_expert_intermediate_size=shared)  # fmt: skip
@@ -332,22 +334,27 @@ def test_gpu_block_bf16_real_shapes(kernel, name, hidden, inter, experts, top_k,
     x = torch.randn(1, tokens, hidden, device="cuda", dtype=torch.bfloat16)
     grad = torch.randn_like(x)
 
-    def run(block, forward):
+    def run(block, forward, dtype=torch.bfloat16):
         block.zero_grad(set_to_none=True)
-        xg = x.clone().requires_grad_()
+        xg = x.to(dtype).requires_grad_()
         out = forward(block, xg)
-        out.backward(grad)
-        return [out, xg.grad, *(p.grad for p in block.parameters())]
+        out.backward(grad.to(dtype))
+        results = [out, xg.grad, *(p.grad for p in block.parameters())]
+        block.zero_grad(set_to_none=True)
+        return results
 
-    expected = run(ref, type(ref).forward)
-    ref.zero_grad(set_to_none=True)
-    # One copy at a time (the 397B block's weights and gradients are 26 GB a copy).
+    # One block at a time beside the float32 gradients (the 397B block's weights and gradients
+    # are 26 GB a copy in bf16).
+    block = copy.deepcopy(ref).float()
+    expected = run(block, type(ref).forward, torch.float32)
+    del block
+    bound = [max(2e-2, 3 * rel_err(a, b)) for a, b in zip(run(ref, type(ref).forward), expected)]
     for make in (copy.deepcopy, lambda block: kernel.join_shared_expert(copy.deepcopy(block))):
         block = make(ref)
         errors = [rel_err(a, b) for a, b in zip(run(block, layer.forward), expected)]
         del block
         torch.cuda.empty_cache()
-        assert max(errors) <= 2e-2, errors
+        assert all(e <= b for e, b in zip(errors, bound)), list(zip(errors, bound))
 
 
 def test_experts_implementation_lora_two_forwards_one_backward(kernel, checkpoints):

@@ -210,7 +210,7 @@ def _down_projection_bwd(grad_out, h, down, down_a, down_b, top_k_weights, r: Ro
     dh = grad_out.new_empty(num_rows, 2 * inter)
     w_act = grad_out.new_empty(num_rows, inter)
     dweights = torch.empty(num_rows, dtype=top_k_weights.dtype, device=grad_out.device)
-    if tuning.fuse_dswiglu(block_m):  # the SwiGLU backward in the GEMM's epilogue: g never reaches memory
+    if tuning.FUSE_DSWIGLU:  # the SwiGLU backward in the GEMM's epilogue: g never reaches memory
         cfg = gemm_config(_kind("down_dx_swiglu", down), inter, hidden, block_m, grad_out.device, lora is not None)
         dswiglu_gemm_launch(grad_out, down, h, top_k_weights.reshape(-1), r, cfg, dh=dh, w_act=w_act,
                             dweights=dweights, gather=r.sorted_token, lora=lora)  # fmt: skip

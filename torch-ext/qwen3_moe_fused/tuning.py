@@ -29,17 +29,11 @@ import torch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # The backward's down_dx GEMM computes the SwiGLU backward in its epilogue (kind
-# "down_dx_swiglu") instead of writing g for activation.py's kernel: True / False force it,
-# None (the default) decides by the row tile (fuse_dswiglu). Read at each call.
-FUSE_DSWIGLU = None
-
-
-def fuse_dswiglu(block_m: int) -> bool:
-    """Whether the backward fuses the SwiGLU backward into the down_dx GEMM. Measured on the H200
-    (30B-A3B block, benchmarks/RESULTS.md run 2): faster with up to 64 rows per expert tile
-    (2048 tokens: 3.39 vs 3.56 ms, 64 tokens: 2.53 vs 2.60), slower with 128-row tiles
-    (16384 tokens: 9.40 vs 9.09 ms)."""
-    return block_m <= 64 if FUSE_DSWIGLU is None else FUSE_DSWIGLU
+# "down_dx_swiglu") instead of writing g for activation.py's kernel. Off: on the H200 (30B-A3B
+# block, benchmarks/RESULTS.md) it was 0.31 ms slower at 16384 tokens, and at 2048 and 64 tokens
+# faster in one run (run 2) and slower in another (run 6), both within those sizes' run-to-run
+# noise. Read at each call.
+FUSE_DSWIGLU = False
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 
 
