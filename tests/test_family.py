@@ -336,7 +336,7 @@ def test_gpu_block_bf16_real_shapes(kernel, name, hidden, inter, experts, top_k,
 
     def run(block, forward, dtype=torch.bfloat16):
         block.zero_grad(set_to_none=True)
-        xg = x.to(dtype).requires_grad_()
+        xg = x.to(dtype, copy=True).requires_grad_()  # a fresh leaf each run
         out = forward(block, xg)
         out.backward(grad.to(dtype))
         results = [out, xg.grad, *(p.grad for p in block.parameters())]
