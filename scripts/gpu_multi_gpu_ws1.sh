@@ -41,7 +41,11 @@ from reference import rel_err
 
 out, cases = sys.argv[1], sys.argv[2:]
 rtol = float(os.environ.get("RTOL", 1e-2 if os.environ["WORKER_DTYPE"] == "bfloat16" else 1e-4))
-print(f"device {os.environ['WORKER_DEVICE']}, {os.environ['WORKER_DTYPE']}, world size 1, rtol {rtol:g}")
+import accelerate, peft, transformers
+
+print(f"device {os.environ['WORKER_DEVICE']}, {os.environ['WORKER_DTYPE']}, world size 1, rtol {rtol:g}; torch "
+      f"{torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, accelerate "
+      f"{accelerate.__version__} ({os.path.dirname(accelerate.__file__)})")
 failed = 0
 for case in cases:
     result = torch.load(f"{out}/{case.replace(':', '_')}.pt", weights_only=False, map_location="cpu")
