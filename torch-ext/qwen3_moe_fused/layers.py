@@ -67,6 +67,11 @@ def experts_forward(
     if handed is not None and gate_up_lora is None and down_lora is None:
         gate_up_lora, down_lora = handed
     _check_expert_tensors(self)
+    return _checked_experts_forward(self, hidden_states, top_k_index, top_k_weights, gate_up_lora, down_lora)
+
+
+def _checked_experts_forward(self, hidden_states, top_k_index, top_k_weights, gate_up_lora, down_lora):
+    """experts_forward once the expert tensors passed _check_expert_tensors."""
     if not _is_silu(self.act_fn):
         raise ValueError(
             f"qwen3_moe_fused supports only the SiLU activation (hidden_act='silu'), got {type(self.act_fn).__name__}"
@@ -95,13 +100,14 @@ def _fused_experts(experts: nn.Module, x, top_k_index, top_k_weights):
         return None
     if not set(wrappers) <= {"gate_up_proj", "down_proj"} or not all(map(is_supported, wrappers.values())):
         return None
-    if not is_sharded_experts(base):
+    sharded = is_sharded_experts(base)
+    if not sharded:  # before the LoRA factors are read against the expert tensors' shapes
         _check_expert_tensors(base)
     gate_up_lora = lora_factors(wrappers.get("gate_up_proj"), base.gate_up_proj)
     down_lora = lora_factors(wrappers.get("down_proj"), base.down_proj)
-    if is_sharded_experts(base):  # Transformers' expert / tensor parallel: through its forward
+    if sharded:  # Transformers' expert / tensor parallel: through its forward
         return call_sharded_experts(base, x, top_k_index, top_k_weights, gate_up_lora, down_lora)
-    return experts_forward(base, x, top_k_index, top_k_weights, gate_up_lora=gate_up_lora, down_lora=down_lora)
+    return _checked_experts_forward(base, x, top_k_index, top_k_weights, gate_up_lora, down_lora)
 
 
 def _routed_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
