@@ -40,6 +40,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _load import load_kernel  # noqa: E402
+from benchmark_moe import rel_err  # noqa: E402
 from lora_side_by_side import peak_mib  # noqa: E402
 import peers_impls  # noqa: E402
 
@@ -100,18 +101,6 @@ def make_block(case: Case, device, dtype):
 def case_flops(case: Case) -> int:
     """Forward FLOPs of the experts (routed and shared); forward+backward is 3x."""
     return 2 * case.tokens * 3 * case.hidden * (case.top_k * case.inter + case.shared)
-
-
-def rel_err(a, b, chunk=2**26):
-    """||a - b|| / ||b|| in float64, a chunk at a time (a 397B or Coder-480B expert gradient whole in
-    float64 would take 32-38 GiB)."""
-    a, b = a.reshape(-1), b.reshape(-1)
-    diff = norm = 0.0
-    for i in range(0, b.numel(), chunk):
-        a_i, b_i = a[i : i + chunk].double(), b[i : i + chunk].double()
-        diff += (a_i - b_i).square().sum().item()
-        norm += b_i.square().sum().item()
-    return (diff / max(norm, 1e-60)) ** 0.5
 
 
 # Our layer as shipped ("ours"), or with a backward option forced (benchmarks/backward_options.py):

@@ -26,6 +26,7 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _load import load_kernel  # noqa: E402
+from benchmark_moe import rel_err  # noqa: E402
 import peers_impls  # noqa: E402
 
 
@@ -33,10 +34,6 @@ class Block(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.experts = Qwen3MoeExperts(config)
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def peak_mib(fn):

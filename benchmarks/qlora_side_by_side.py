@@ -23,6 +23,7 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _load import load_kernel  # noqa: E402
+from benchmark_moe import rel_err  # noqa: E402
 
 HIDDEN, INTER, NUM_EXPERTS, TOP_K = 2048, 768, 128, 8
 
@@ -40,10 +41,6 @@ def routing(tokens, device):
 
 def bench(fn):
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def main():

@@ -27,7 +27,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _load import kernel_source, load_kernel  # noqa: E402
-from benchmark_moe import QWEN3_5_35B_A3B, QWEN3_5_397B_A17B, QWEN3_NEXT_80B_A3B, MoEShape  # noqa: E402
+from benchmark_moe import QWEN3_5_35B_A3B, QWEN3_5_397B_A17B, QWEN3_NEXT_80B_A3B, MoEShape, rel_err  # noqa: E402
 
 SHAPES = {s.name: s for s in (QWEN3_NEXT_80B_A3B, QWEN3_5_35B_A3B, QWEN3_5_397B_A17B)}
 DEFAULT_SHAPES = [QWEN3_NEXT_80B_A3B.name, QWEN3_5_35B_A3B.name]
@@ -79,10 +79,6 @@ def add_lora(block, rank):
 
 def bench(fn):
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-
-def rel_err(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
 def run(shape: MoEShape, tokens: int, kernel, device) -> dict:
