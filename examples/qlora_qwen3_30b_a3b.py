@@ -15,9 +15,7 @@ loss is not finite. The kernel is loaded the way users load it (the cache `make
 publish-local` writes, offline).
 """
 
-import argparse
 import logging
-import math
 import os
 import sys
 import time
@@ -25,6 +23,7 @@ import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
 os.environ.setdefault("HF_HUB_CACHE", str(ROOT / "build" / "hub-cache"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -36,6 +35,7 @@ if not torch.cuda.is_available():
 import bitsandbytes as bnb  # noqa: E402
 from kernels import LayerRepository, Mode, get_kernel, kernelize, replace_kernel_forward_from_hub, use_kernel_mapping  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
+from qlora_common import linear_4bit, parse_args, train  # noqa: E402
 from torch import nn  # noqa: E402
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM  # noqa: E402
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeRotaryEmbedding, Qwen3MoeSparseMoeBlock  # noqa: E402
@@ -54,15 +54,6 @@ TINY = dict(
     num_experts_per_tok=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
 )  # fmt: skip
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-
-def linear_4bit(linear: nn.Linear, device) -> nn.Module:
-    """bitsandbytes NF4 Linear4bit holding linear's weight (quantized when moved to device)."""
-    quantized = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False,
-                                  compute_dtype=linear.weight.dtype, quant_type="nf4", device="meta")  # fmt: skip
-    quantized.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, blocksize=64,
-                                         compress_statistics=False, quant_type="nf4")  # fmt: skip
-    return quantized.to(device)
 
 
 @torch.no_grad()
@@ -95,20 +86,8 @@ def build_model(config: Qwen3MoeConfig, kernel, device, dtype) -> Qwen3MoeForCau
 
 def main():
     logging.getLogger("kernels").setLevel(logging.ERROR)
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tiny", action="store_true", help="a tiny configuration on CPU (the tests' mode)")
-    parser.add_argument("--steps", type=int, default=None, help="timed training steps (default 5, tiny 2)")
-    parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 2048, tiny 32)")
-    parser.add_argument("--memory-cap-gib", type=float, default=24.0, help="CUDA memory cap (default 24)")
-    args = parser.parse_args()
-    device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
-    steps = args.steps or (2 if args.tiny else 5)
-    seq_len = args.seq_len or (32 if args.tiny else 2048)
-    # bf16 on a GPU; float32 in Triton's interpreter (its bf16 matmul is unreliable).
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total), torch.cuda.current_device())
+    args = parse_args(__doc__.split("\n")[0], memory_cap_gib=24.0)
+    device, dtype, seq_len = args.device, args.dtype, args.seq_len
     torch.manual_seed(0)
 
     kernel = get_kernel("org/qwen3-moe-fused", version=1)
@@ -153,24 +132,7 @@ def main():
         optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
-    before = [p.detach().clone() for p in trainable[:4]]
-    losses = [step()]  # warm-up: Triton compiles, the optimizer allocates its state
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    for _ in range(steps):
-        losses.append(step())
-    sync()
-    seconds = (time.perf_counter() - start) / steps
-    print(f"losses: {', '.join(f'{loss:.4f}' for loss in losses)}")
-    print(f"step time {seconds * 1e3:.0f} ms, {seq_len / seconds:.0f} tokens/s (batch 1 x {seq_len} tokens)")
-    if device.type == "cuda":
-        peak, reserved = torch.cuda.max_memory_allocated(device) / 2**30, torch.cuda.max_memory_reserved(device) / 2**30
-        print(f"peak memory {peak:.2f} GiB allocated, {reserved:.2f} GiB reserved (cap {args.memory_cap_gib} GiB)")
-    if not all(math.isfinite(loss) for loss in losses):
-        sys.exit("loss is not finite")
-    if all(torch.equal(a, b) for a, b in zip(before, trainable[:4])):
-        sys.exit("the LoRA weights did not change")
+    train(step, trainable, args)
 
 
 if __name__ == "__main__":
