@@ -11,7 +11,7 @@ import triton.language as tl
 
 from ..routing import Routing
 from ..tuning import DwConfig
-from .forward import _num_sms
+from .forward import _mapped_rows, _num_sms
 
 
 @triton.jit
@@ -35,14 +35,8 @@ def _dw_tile(
     for r0 in range(row_start, row_end, BLOCK_K):
         rows = r0 + tl.arange(0, BLOCK_K)
         r_mask = rows < row_end
-        if a_gather_ptr is not None:
-            a_rows = tl.load(a_gather_ptr + rows, mask=r_mask, other=0).to(tl.int64)
-        else:
-            a_rows = rows.to(tl.int64)
-        if b_gather_ptr is not None:
-            b_rows = tl.load(b_gather_ptr + rows, mask=r_mask, other=0).to(tl.int64)
-        else:
-            b_rows = rows.to(tl.int64)
+        a_rows = _mapped_rows(a_gather_ptr, rows, r_mask)
+        b_rows = _mapped_rows(b_gather_ptr, rows, r_mask)
         a = tl.load(
             a_ptr + a_rows[None, :] * stride_ar + offs_m[:, None] * stride_am,
             mask=m_mask[:, None] & r_mask[None, :],

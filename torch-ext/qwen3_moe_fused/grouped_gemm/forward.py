@@ -84,6 +84,16 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _mapped_rows(map_ptr, rows, mask):
+    """int64 row indices: map_ptr[rows] (a gather or scatter map) where map_ptr is given, else rows."""
+    if map_ptr is not None:
+        mapped = tl.load(map_ptr + rows, mask=mask, other=0).to(tl.int64)
+    else:
+        mapped = rows.to(tl.int64)
+    return mapped
+
+
+@triton.jit
 def _tile_rows(pid_m, expert, tile_row_start_ptr, expert_offsets_ptr, gather_ptr, a_ptr, stride_am, stride_ak,
                BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     """The sorted rows of row tile pid_m (of `expert`), their mask (rows of the expert) and the
@@ -92,10 +102,7 @@ def _tile_rows(pid_m, expert, tile_row_start_ptr, expert_offsets_ptr, gather_ptr
     row_end = tl.load(expert_offsets_ptr + expert + 1)
     rows = row_start + tl.arange(0, BLOCK_M)
     row_mask = rows < row_end
-    if gather_ptr is not None:
-        a_rows = tl.load(gather_ptr + rows, mask=row_mask, other=0).to(tl.int64)
-    else:
-        a_rows = rows.to(tl.int64)
+    a_rows = _mapped_rows(gather_ptr, rows, row_mask)
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + tl.arange(0, BLOCK_K)[None, :] * stride_ak
     return rows, row_mask, a_ptrs
 
@@ -415,10 +422,7 @@ def _gemm_tile(
 
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = row_mask[:, None] & (offs_n < N)[None, :]
-        if scatter_ptr is not None:
-            c_rows = tl.load(scatter_ptr + rows, mask=row_mask, other=0).to(tl.int64)
-        else:
-            c_rows = rows.to(tl.int64)
+        c_rows = _mapped_rows(scatter_ptr, rows, row_mask)
         if scale_ptr is not None:
             # The expert output is rounded before its routing weight is applied, as in the eager loop.
             scale = tl.load(scale_ptr + c_rows, mask=row_mask, other=0.0).to(tl.float32)
