@@ -157,8 +157,10 @@ def _wrap(model, mode):
     from accelerate.state import AcceleratorState
 
     # accelerate keeps its state (DDP or FSDP, the plugin) process-wide from the first Accelerator:
-    # without a reset, an FSDP2 case after a DDP one would run under DDP.
-    AcceleratorState._reset_state()
+    # without a reset, an FSDP2 case after a DDP one would run under DDP. The partial state too: on
+    # CUDA, AcceleratorState writes FSDP into it, and a second FSDP2 case would then find FSDP
+    # there and skip setting its plugin (AttributeError: no attribute 'is_fsdp2' in prepare).
+    AcceleratorState._reset_state(reset_partial_state=True)
     if mode == "acc-ddp":
         return Accelerator(cpu=DEVICE_TYPE == "cpu").prepare_model(model)
     from accelerate.utils import FullyShardedDataParallelPlugin

@@ -311,6 +311,30 @@ GPU_SHAPES = [
 ]
 
 
+def _param_index(block, name: str) -> int:
+    return [n for n, _ in block.named_parameters()].index(name)
+
+
+def _shared_gate_grad_noise(block, x, grad, expected) -> float:
+    """A bound on the bf16 rounding error of the shared gate's weight gradient, relative to its
+    float32 value `expected` (1, H). Each token's c_t = sigmoid'(z_t) <dOut_t, y_t> is a dot
+    product of rounded factors: y_t = down @ act_t is rounded term by term (error ~ 2^-9 |dOut y|
+    per term over H), and so is act_t, which enters through g_t = down^T dOut_t (~ 2^-9 |g act| per
+    term over I); independent across terms, these add as ||dOut_t * y_t|| + ||g_t * act_t|| times
+    2^-8, bounded here at 6 times that (Transformers' bf16 block reached 3.9 times in 100 draws at
+    H 2048, I 512, 1 token). The gradient's error: the root sum of squares over tokens of
+    sigmoid'(z_t) times that times ||x_t||."""
+    with torch.no_grad():
+        flat, dout = x.view(-1, x.shape[-1]), grad.view(-1, grad.shape[-1])
+        expert = block.shared_expert
+        act = expert.act_fn(expert.gate_proj(flat)) * expert.up_proj(flat)
+        y, g = expert.down_proj(act), dout @ expert.down_proj.weight
+        sig = torch.sigmoid(block.shared_expert_gate(flat)).squeeze(-1)
+        dot_noise = 2**-8 * ((dout * y).norm(dim=-1) + (g * act).norm(dim=-1))
+        per_token = 6 * sig * (1 - sig) * dot_noise * flat.norm(dim=-1)
+        return (per_token.square().sum().sqrt() / expected.norm()).item()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("tokens", [1, 300])
 @pytest.mark.parametrize("name,hidden,inter,experts,top_k,shared", GPU_SHAPES)
@@ -347,8 +371,16 @@ def test_gpu_block_bf16_real_shapes(kernel, name, hidden, inter, experts, top_k,
     # are 26 GB a copy in bf16).
     block = copy.deepcopy(ref).float()
     expected = run(block, type(ref).forward, torch.float32)
+    gate = 2 + _param_index(ref, "shared_expert_gate.weight")  # after the output and input grad
+    gate_noise = _shared_gate_grad_noise(block, x.float(), grad.float(), expected[gate])
     del block
     bound = [max(2e-2, 3 * rel_err(a, b)) for a, b in zip(run(ref, type(ref).forward), expected)]
+    # The shared gate's gradient sums c_t x_t over tokens, c_t = sigmoid'(z_t) <dOut_t, y_t>: with few
+    # tokens it is a few scalars, each a dot product of bf16-rounded factors, whose relative error
+    # is large whenever the product's terms cancel, for Transformers' bf16 block too (a float64
+    # Monte Carlo of the 397B shared expert at 1 token: its error exceeds 2e-2 in 23 of 200 draws,
+    # and one of ours exceeds max(2e-2, 3x its) in 3). Bound it by that rounding's own scale too.
+    bound[gate] = max(bound[gate], gate_noise)
     for make in (copy.deepcopy, lambda block: kernel.join_shared_expert(copy.deepcopy(block))):
         block = make(ref)
         errors = [rel_err(a, b) for a, b in zip(run(block, layer.forward), expected)]
