@@ -24,7 +24,7 @@ def plot_block(data: dict, dst: str) -> None:
     meta, rows = data["meta"], [r for r in data["rows"] if "error" not in r]
     cases = list(dict.fromkeys(r["case"] for r in rows))
     impls = [i for i in LABELS if any(r["impl"] == i for r in rows)]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5))
     width = 0.8 / len(impls)
     for ax, phase in zip(axes, ("fwd_ms", "fwd_bwd_ms")):
         for j, impl in enumerate(impls):
@@ -33,7 +33,8 @@ def plot_block(data: dict, dst: str) -> None:
             xs = [i + j * width for i, c in enumerate(cases) if found[c] is not None]
             bars = ax.bar(xs, [v for v in found.values() if v is not None], width, label=LABELS.get(impl, impl))
             ax.bar_label(bars, fmt="%.2f", fontsize=7)
-        ax.set_xticks([i + width * (len(impls) - 1) / 2 for i in range(len(cases))], cases, fontsize=8)
+        ticks = [i + width * (len(impls) - 1) / 2 for i in range(len(cases))]
+        ax.set_xticks(ticks, cases, fontsize=8, rotation=30, ha="right")  # long case names: no overlap
         ax.set_ylabel("ms (lower is better)")
         ax.set_title("forward" if phase == "fwd_ms" else "forward + backward")
         ax.grid(alpha=0.3, axis="y")
