@@ -87,6 +87,10 @@ class Build:
             self.forward.grouped_gemm_launch(*args, **kwargs, **(dict(swiglu=True) if swiglu else {}))
         return self.compiled[-1]
 
+    def dswiglu(self, *args, **kwargs):
+        self.forward.dswiglu_gemm_launch(*args, **kwargs)
+        return self.compiled[-1]
+
     def nf4(self, shape, dtype):
         numel = shape[0] * shape[1] * shape[2]
         codes, absmax = torch.zeros(numel // 2, dtype=torch.uint8), torch.zeros(numel // 64)
@@ -131,6 +135,15 @@ def main():
         "lora_proj": lambda b: b.gemm(x, rand(experts, rank, hidden), lx, r, cfg(b), gather=s),
         "plain": lambda b: b.gemm(act, down, out_rows, r, cfg(b)),
     }  # fmt: skip
+    if hasattr(old.forward, "dswiglu_gemm_launch") and hasattr(new.forward, "dswiglu_gemm_launch"):
+        dweights = torch.empty(rows, dtype=dt)
+        cases["down_dx_swiglu"] = lambda b: b.dswiglu(x, down, h, w, r, cfg(b), dh=dh, w_act=act, dweights=dweights,
+                                                      gather=s)  # fmt: skip
+        cases["down_dx_swiglu+lora"] = lambda b: b.dswiglu(x, down, h, w, r, cfg(b), dh=dh, w_act=act,
+                                                           dweights=dweights, gather=s,
+                                                           lora=(lx, rand(experts, rank, inter), True))  # fmt: skip
+        cases["down_dx_swiglu_nf4"] = lambda b: b.dswiglu(x, b.nf4(down.shape, dt), h, w, r, cfg(b), dh=dh,
+                                                          w_act=act, dweights=dweights, gather=s)  # fmt: skip
     differ = 0
     for tma_b in (False, True):
         for persistent in (0, 1):

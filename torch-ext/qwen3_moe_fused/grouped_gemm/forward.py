@@ -286,6 +286,35 @@ def _add_lora(
 
 
 @triton.jit
+def _tile_product(
+    pid_m, pid_n, expert, a_ptr, b_ptr, b_desc, b_rows, absmax_ptr, code_ptr, lora_x_ptr, lora_b_ptr, gather_ptr,
+    tile_row_start_ptr, expert_offsets_ptr, N, K, stride_am, stride_ak, stride_be, stride_bn, stride_bk, R,
+    stride_lx, stride_le, stride_ln, stride_lr, IEEE: tl.constexpr, SWIGLU: tl.constexpr, NF4_PAIRS: tl.constexpr,
+    SCALE_PER_COL: tl.constexpr, B_KN: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """What every tile computes before its epilogue: (rows, row_mask, acc, acc_up), the sorted rows
+    of row tile pid_m of `expert`, their mask and the float32 accumulators of A[rows] @ B[expert]^T
+    over column tile pid_n (acc_up: the up rows with SWIGLU), the LoRA term added when given."""
+    rows, row_mask, a_ptrs = _tile_rows(
+        pid_m, expert, tile_row_start_ptr, expert_offsets_ptr, gather_ptr, a_ptr, stride_am, stride_ak,
+        BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K,
+    )  # fmt: skip
+    acc, acc_up = _mainloop(
+        a_ptrs, row_mask, K, stride_ak, b_ptr, b_desc, b_rows, absmax_ptr, code_ptr, expert, pid_n, N,
+        stride_be, stride_bn, stride_bk, IEEE=IEEE, SWIGLU=SWIGLU, NF4_PAIRS=NF4_PAIRS,
+        SCALE_PER_COL=SCALE_PER_COL, B_KN=B_KN, QBLOCK=QBLOCK, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        BLOCK_K=BLOCK_K,
+    )  # fmt: skip
+    if lora_x_ptr is not None:
+        acc, acc_up = _add_lora(
+            acc, acc_up, lora_x_ptr, lora_b_ptr, rows, row_mask, expert, pid_n, N, R, stride_lx, stride_le,
+            stride_ln, stride_lr, IEEE=IEEE, SWIGLU=SWIGLU, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R,
+        )  # fmt: skip
+    return rows, row_mask, acc, acc_up
+
+
+@triton.jit
 def _swiglu_tile(
     tile, a_ptr, b_ptr, b_desc, b_rows, absmax_ptr, code_ptr, c_ptr, h_ptr, lora_x_ptr, lora_b_ptr, gather_ptr,
     tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr, num_tiles_m, N, K, stride_am, stride_ak, stride_be,
@@ -298,21 +327,13 @@ def _swiglu_tile(
     pid_m, pid_n = _tile_position(tile, num_tiles_m, N, BLOCK_N, GROUP_M)
     expert = tl.load(tile_expert_ptr + pid_m)
     if expert >= 0:  # else past the last used tile
-        rows, row_mask, a_ptrs = _tile_rows(
-            pid_m, expert, tile_row_start_ptr, expert_offsets_ptr, gather_ptr, a_ptr, stride_am, stride_ak,
-            BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K,
+        rows, row_mask, acc, acc_up = _tile_product(
+            pid_m, pid_n, expert, a_ptr, b_ptr, b_desc, b_rows, absmax_ptr, code_ptr, lora_x_ptr, lora_b_ptr,
+            gather_ptr, tile_row_start_ptr, expert_offsets_ptr, N, K, stride_am, stride_ak, stride_be, stride_bn,
+            stride_bk, R, stride_lx, stride_le, stride_ln, stride_lr, IEEE=IEEE, SWIGLU=True, NF4_PAIRS=NF4_PAIRS,
+            SCALE_PER_COL=SCALE_PER_COL, B_KN=False, QBLOCK=QBLOCK, BLOCK_R=BLOCK_R, BLOCK_M=BLOCK_M,
+            BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
         )  # fmt: skip
-        acc, acc_up = _mainloop(
-            a_ptrs, row_mask, K, stride_ak, b_ptr, b_desc, b_rows, absmax_ptr, code_ptr, expert, pid_n, N,
-            stride_be, stride_bn, stride_bk, IEEE=IEEE, SWIGLU=True, NF4_PAIRS=NF4_PAIRS,
-            SCALE_PER_COL=SCALE_PER_COL, B_KN=False, QBLOCK=QBLOCK, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-            BLOCK_K=BLOCK_K,
-        )  # fmt: skip
-        if lora_x_ptr is not None:
-            acc, acc_up = _add_lora(
-                acc, acc_up, lora_x_ptr, lora_b_ptr, rows, row_mask, expert, pid_n, N, R, stride_lx, stride_le,
-                stride_ln, stride_lr, IEEE=IEEE, SWIGLU=True, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R,
-            )  # fmt: skip
 
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = row_mask[:, None] & (offs_n < N)[None, :]
@@ -404,21 +425,13 @@ def _gemm_tile(
     pid_m, pid_n = _tile_position(tile, num_tiles_m, N, BLOCK_N, GROUP_M)
     expert = tl.load(tile_expert_ptr + pid_m)
     if expert >= 0:  # else past the last used tile
-        rows, row_mask, a_ptrs = _tile_rows(
-            pid_m, expert, tile_row_start_ptr, expert_offsets_ptr, gather_ptr, a_ptr, stride_am, stride_ak,
-            BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K,
+        rows, row_mask, acc, _ = _tile_product(
+            pid_m, pid_n, expert, a_ptr, b_ptr, b_desc, b_rows, absmax_ptr, code_ptr, lora_x_ptr, lora_b_ptr,
+            gather_ptr, tile_row_start_ptr, expert_offsets_ptr, N, K, stride_am, stride_ak, stride_be, stride_bn,
+            stride_bk, R, stride_lx, stride_le, stride_ln, stride_lr, IEEE=IEEE, SWIGLU=False, NF4_PAIRS=NF4_PAIRS,
+            SCALE_PER_COL=SCALE_PER_COL, B_KN=B_KN, QBLOCK=QBLOCK, BLOCK_R=BLOCK_R, BLOCK_M=BLOCK_M,
+            BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
         )  # fmt: skip
-        acc, _ = _mainloop(
-            a_ptrs, row_mask, K, stride_ak, b_ptr, b_desc, b_rows, absmax_ptr, code_ptr, expert, pid_n, N,
-            stride_be, stride_bn, stride_bk, IEEE=IEEE, SWIGLU=False, NF4_PAIRS=NF4_PAIRS,
-            SCALE_PER_COL=SCALE_PER_COL, B_KN=B_KN, QBLOCK=QBLOCK, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-            BLOCK_K=BLOCK_K,
-        )  # fmt: skip
-        if lora_x_ptr is not None:
-            acc, _ = _add_lora(
-                acc, acc, lora_x_ptr, lora_b_ptr, rows, row_mask, expert, pid_n, N, R, stride_lx, stride_le,
-                stride_ln, stride_lr, IEEE=IEEE, SWIGLU=False, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R,
-            )  # fmt: skip
 
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = row_mask[:, None] & (offs_n < N)[None, :]
@@ -507,21 +520,13 @@ def _dswiglu_tile(
     pid_m, pid_n = _tile_position(tile, num_tiles_m, N, BLOCK_N, GROUP_M)
     expert = tl.load(tile_expert_ptr + pid_m)
     if expert >= 0:  # else past the last used tile
-        rows, row_mask, a_ptrs = _tile_rows(
-            pid_m, expert, tile_row_start_ptr, expert_offsets_ptr, gather_ptr, a_ptr, stride_am, stride_ak,
-            BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K,
+        rows, row_mask, acc, _ = _tile_product(
+            pid_m, pid_n, expert, a_ptr, b_ptr, b_desc, b_rows, absmax_ptr, code_ptr, lora_x_ptr, lora_b_ptr,
+            gather_ptr, tile_row_start_ptr, expert_offsets_ptr, N, K, stride_am, stride_ak, stride_be, stride_bn,
+            stride_bk, R, stride_lx, stride_le, stride_ln, stride_lr, IEEE=IEEE, SWIGLU=False, NF4_PAIRS=NF4_PAIRS,
+            SCALE_PER_COL=SCALE_PER_COL, B_KN=True, QBLOCK=QBLOCK, BLOCK_R=BLOCK_R, BLOCK_M=BLOCK_M,
+            BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
         )  # fmt: skip
-        acc, _ = _mainloop(
-            a_ptrs, row_mask, K, stride_ak, b_ptr, b_desc, b_rows, absmax_ptr, code_ptr, expert, pid_n, N,
-            stride_be, stride_bn, stride_bk, IEEE=IEEE, SWIGLU=False, NF4_PAIRS=NF4_PAIRS,
-            SCALE_PER_COL=SCALE_PER_COL, B_KN=True, QBLOCK=QBLOCK, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-            BLOCK_K=BLOCK_K,
-        )  # fmt: skip
-        if lora_x_ptr is not None:
-            acc, _ = _add_lora(
-                acc, acc, lora_x_ptr, lora_b_ptr, rows, row_mask, expert, pid_n, N, R, stride_lx, stride_le,
-                stride_ln, stride_lr, IEEE=IEEE, SWIGLU=False, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R,
-            )  # fmt: skip
 
         # The SwiGLU backward of activation.py on this tile. g is rounded to the activations'
         # dtype, as the unfused path stores it; columns past N load (gate, up) = 0: act = 0.
