@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from .routing import Routing
+from .sizes import cdiv, next_power_of_2
 
 
 @triton.jit
@@ -79,8 +80,8 @@ def swiglu_backward_launch(
     if inter == 0:
         dweights.zero_()
         return
-    block_i = min(triton.next_power_of_2(inter), 128)
-    _swiglu_backward_kernel[(triton.cdiv(num_rows, block_r),)](
+    block_i = min(next_power_of_2(inter), 128)
+    _swiglu_backward_kernel[(cdiv(num_rows, block_r),)](
         g,
         h,
         weights_flat,

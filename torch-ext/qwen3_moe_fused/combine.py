@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .sizes import cdiv, next_power_of_2
+
 
 @triton.jit
 def _combine_kernel(
@@ -40,8 +42,8 @@ def combine_launch(rows: torch.Tensor, top_k_index: torch.Tensor, num_experts: i
     num_tokens, hidden = out.shape
     if num_tokens == 0 or hidden == 0:
         return out
-    block_t, block_h = 16, min(triton.next_power_of_2(hidden), 256)
-    grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(hidden, block_h))
+    block_t, block_h = 16, min(next_power_of_2(hidden), 256)
+    grid = (cdiv(num_tokens, block_t), cdiv(hidden, block_h))
     _combine_kernel[grid](
         rows,
         top_k_index,

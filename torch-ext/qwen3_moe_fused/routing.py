@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .sizes import cdiv, next_power_of_2
+
 
 class Routing(NamedTuple):
     sort_idx: torch.Tensor
@@ -58,7 +60,7 @@ CHUNK_ELEMENTS = 8192
 
 def _launch_sizes(num_experts: int) -> tuple[int, int]:
     """(E_PAD, CHUNK): experts padded to a power of two, chunk length for (CHUNK, E_PAD) tiles."""
-    e_pad = max(16, triton.next_power_of_2(num_experts))
+    e_pad = max(16, next_power_of_2(num_experts))
     return e_pad, min(128, max(16, CHUNK_ELEMENTS // e_pad))
 
 
@@ -348,7 +350,7 @@ def route(top_k_index: torch.Tensor, num_experts: int, block_m: int, use_triton:
         )  # fmt: skip
         return Routing(sort_idx, sorted_token, expert_offsets, tile_expert, tile_row_start, block_m)
     block_rows = SMALL_BLOCK_ROWS if num_rows <= SMALL_ROUTING else BLOCK_ROWS
-    num_blocks = triton.cdiv(num_rows, block_rows)
+    num_blocks = cdiv(num_rows, block_rows)
     hist = torch.empty(num_blocks, num_experts, dtype=torch.int32, device=device)
     _histogram_kernel[(num_blocks,)](
         ids, hist, num_rows, num_experts, BLOCK_ROWS=block_rows, SUB_ROWS=sub_rows, E_PAD=e_pad

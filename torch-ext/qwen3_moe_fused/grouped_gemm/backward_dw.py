@@ -12,6 +12,7 @@ import triton.language as tl
 from ..routing import Routing
 from ..tuning import DwConfig
 from .forward import _mapped_rows, _num_sms
+from ..sizes import cdiv
 
 
 @triton.jit
@@ -112,7 +113,7 @@ def grouped_dw_launch(
     num_experts, m, n = out.shape
     if num_experts == 0 or m == 0 or n == 0:
         return out
-    tiles_per_expert = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
+    tiles_per_expert = cdiv(m, config.block_m) * cdiv(n, config.block_n)
     num_tiles = num_experts * tiles_per_expert
     if config.persistent:
         grid = (min(num_tiles, config.persistent * _num_sms(a.device)),)

@@ -31,6 +31,7 @@ import triton.language as tl
 from ..quant import Nf4Weight, nf4_code_table
 from ..routing import Routing
 from ..tuning import GemmConfig
+from ..sizes import cdiv, next_power_of_2
 
 
 @triton.jit
@@ -685,7 +686,7 @@ def _lora_operand(lora: "tuple[torch.Tensor, torch.Tensor, bool] | None") -> dic
     rank = lora_x.shape[1]
     return dict(
         lora_x_ptr=lora_x, lora_b_ptr=lora_b, R=rank, stride_lx=lora_x.stride(0), stride_le=lora_b.stride(0),
-        stride_ln=stride_ln, stride_lr=stride_lr, BLOCK_R=max(16, triton.next_power_of_2(rank)),
+        stride_ln=stride_ln, stride_lr=stride_lr, BLOCK_R=max(16, next_power_of_2(rank)),
     )  # fmt: skip
 
 
@@ -716,7 +717,7 @@ def swiglu_gemm_launch(
     lb_is_rn; adds L @ LB[e]^T to (gate, up) before the SwiGLU.
     """
     n_out = out.shape[1]
-    num_tiles = routing.tile_expert.numel() * triton.cdiv(n_out, config.block_n)
+    num_tiles = routing.tile_expert.numel() * cdiv(n_out, config.block_n)
     if num_tiles == 0:
         return out
     _swiglu_gemm_kernel[_grid(num_tiles, config, a.device)](
@@ -753,7 +754,7 @@ def grouped_gemm_launch(
     lb_is_rn; adds L @ LB[e]^T to each row before the epilogue.
     """
     n_out = out.shape[1]
-    num_tiles = routing.tile_expert.numel() * triton.cdiv(n_out, config.block_n)
+    num_tiles = routing.tile_expert.numel() * cdiv(n_out, config.block_n)
     if num_tiles == 0:
         return out
     _gemm_kernel[_grid(num_tiles, config, a.device)](
@@ -792,7 +793,7 @@ def dswiglu_gemm_launch(
     rows that no expert's tile covers get 0.
     """
     n_out = w_act.shape[1]
-    num_tiles_n = triton.cdiv(n_out, config.block_n)
+    num_tiles_n = cdiv(n_out, config.block_n)
     partial = torch.zeros(dweights.numel(), num_tiles_n, dtype=torch.float32, device=a.device)
     num_tiles = routing.tile_expert.numel() * num_tiles_n
     if num_tiles > 0:

@@ -36,6 +36,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..tuning import INTERPRET
+from ..sizes import cdiv
 
 # bitsandbytes.functional.get_4bit_type("nf4"): quantiles of N(0, 1) scaled to [-1, 1], sorted.
 NF4_CODE = torch.tensor(
@@ -125,7 +126,7 @@ def _reciprocal_like_cuda(absmax: Tensor) -> Tensor:
         return 1.0 / absmax
     out = torch.empty_like(absmax)
     BLOCK = 1024
-    _rcp_approx_kernel[(triton.cdiv(absmax.numel(), BLOCK),)](absmax, out, absmax.numel(), BLOCK=BLOCK)
+    _rcp_approx_kernel[(cdiv(absmax.numel(), BLOCK),)](absmax, out, absmax.numel(), BLOCK=BLOCK)
     return out
 
 
@@ -233,7 +234,7 @@ def _dequantize_nf4_kernel(
 def _dequantize_nf4_triton(codes: Tensor, absmax: Tensor, out: Tensor, blocksize: int, skip=None) -> None:
     BLOCK = 1024  # 2.7 TB/s on an H100 (bf16 out), near its memory bandwidth
     code = nf4_code_table(codes.device)
-    grid = (triton.cdiv(codes.numel(), BLOCK),)
+    grid = (cdiv(codes.numel(), BLOCK),)
     offsets, per_expert = skip if skip is not None else (absmax, 1)
     _dequantize_nf4_kernel[grid](
         codes, absmax, code, out, out.numel(), offsets, per_expert, BLOCKSIZE=blocksize, BLOCK=BLOCK, SKIP_EMPTY=skip is not None
