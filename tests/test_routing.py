@@ -118,3 +118,14 @@ def test_route_from_counts_triton_matches_torch(kernel, m_sizes, num_rows):
         _assert_same_routing(r, route_from_counts(m_sizes.int(), num_rows, 4, True))
     offsets = r.expert_offsets.tolist()
     assert offsets[0] == 0 and offsets[-1] <= num_rows and offsets == sorted(offsets)
+
+
+def test_launch_sizes_match_triton(kernel):
+    """The launch code's plain cdiv / next_power_of_2 (sizes.py) give triton's values."""
+    import triton
+
+    sizes = kernel.sizes
+    for n in [*range(0, 1100), 4095, 4096, 4097, 2**31 - 1, 2**31, 2**40 + 3]:
+        assert sizes.next_power_of_2(n) == triton.next_power_of_2(n), n
+        for block in (1, 3, 16, 64, 128, 256):
+            assert sizes.cdiv(n, block) == triton.cdiv(n, block), (n, block)
