@@ -50,7 +50,7 @@ def main():
     parser.add_argument("--tokens", type=int, default=64)
     args = parser.parse_args()
     kernel = load_kernel()
-    fn = gg = kernel.functional  # functional imports the launchers (kernel.grouped_gemm is the function)
+    fn = kernel.functional  # it imports the launchers (kernel.grouped_gemm is the function, not the package)
     dev, dt = torch.device("cuda"), torch.bfloat16
     num_experts, hidden, inter, top_k, tokens = 128, 2048, 768, 8, args.tokens
     x = torch.randn(tokens, hidden, device=dev, dtype=dt)
@@ -80,16 +80,16 @@ def main():
             *([flat_x] * 8), *range(1, 13), C0=1, C1=2, C2=3, C3=4),
         "gemm_config lookup": lambda: fn.gemm_config("gate_up", inter, hidden, block_m, dev),
         "route": lambda: fn.route(ids, num_experts, block_m, True),
-        "swiglu_gemm_launch (gate_up, h saved)": lambda: gg.swiglu_gemm_launch(
+        "swiglu_gemm_launch (gate_up, h saved)": lambda: fn.swiglu_gemm_launch(
             x, gate_up, act, r, cfg_up, gather=r.sorted_token, h_out=h),
-        "swiglu_gemm_launch, tma_b off": lambda: gg.swiglu_gemm_launch(
+        "swiglu_gemm_launch, tma_b off": lambda: fn.swiglu_gemm_launch(
             x, gate_up, act, r, dataclasses.replace(cfg_up, tma_b=False), gather=r.sorted_token, h_out=h),
-        "grouped_gemm_launch (down, scatter)": lambda: gg.grouped_gemm_launch(
+        "grouped_gemm_launch (down, scatter)": lambda: fn.grouped_gemm_launch(
             act, down, out_rows, r, cfg_down, scatter=r.sort_idx, row_scale=wflat),
-        "grouped_gemm_launch, tma_b off": lambda: gg.grouped_gemm_launch(
+        "grouped_gemm_launch, tma_b off": lambda: fn.grouped_gemm_launch(
             act, down, out_rows, r, dataclasses.replace(cfg_down, tma_b=False), scatter=r.sort_idx, row_scale=wflat),
         "combine_launch": lambda: fn.combine_launch(out_rows, ids, num_experts, out),
-        "grouped_dw_launch (down_dw)": lambda: gg.grouped_dw_launch(x, act, ddown, r, cfg_dw, a_gather=r.sorted_token),
+        "grouped_dw_launch (down_dw)": lambda: fn.grouped_dw_launch(x, act, ddown, r, cfg_dw, a_gather=r.sorted_token),
         "_experts_fwd (save_h)": lambda: fn._experts_fwd(
             x, gate_up, down, ids, weights, None, None, None, None, [], block_m, True),
         "moe_experts_forward (no grad)": lambda: kernel.moe_experts_forward(x, gate_up, down, ids, weights, check_ids=False),
