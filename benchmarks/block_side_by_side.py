@@ -103,20 +103,23 @@ def case_flops(case: Case) -> int:
     return 2 * case.tokens * 3 * case.hidden * (case.top_k * case.inter + case.shared)
 
 
-# Our layer as shipped ("ours"), or with a backward option forced (benchmarks/backward_options.py):
+# Our layer as shipped ("ours"), or with an option forced (benchmarks/backward_options.py):
 # "+dswiglu" / "-dswiglu" fuse / never fuse the SwiGLU backward into the down_dx GEMM (shipped:
-# tuning.FUSE_DSWIGLU), "+pdw" runs the dW GEMMs on a persistent grid (one program per SM).
-OURS_OPTIONS = {"ours": (None, 0), "ours+dswiglu": (True, 0), "ours-dswiglu": (False, 0), "ours+pdw": (None, 1),
-                "ours+dswiglu+pdw": (True, 1)}  # fmt: skip
+# tuning.FUSE_DSWIGLU), "+pdw" runs the dW GEMMs on a persistent grid (one program per SM),
+# "-router" runs Transformers' router forward (tuning.FUSED_ROUTER off).
+# Values: (fuse, dW programs per SM, fused router).
+OURS_OPTIONS = {"ours": (None, 0, True), "ours+dswiglu": (True, 0, True), "ours-dswiglu": (False, 0, True),
+                "ours+pdw": (None, 1, True), "ours+dswiglu+pdw": (True, 1, True), "ours-router": (None, 0, False)}  # fmt: skip
 _SHIPPED = {}
 
 
 def _configure(kernel, impl):
     from dataclasses import replace
 
-    fuse, persistent = OURS_OPTIONS.get(impl, (None, 0))
+    fuse, persistent, router = OURS_OPTIONS.get(impl, (None, 0, True))
     shipped_fuse, shipped_dw = _SHIPPED.setdefault("state", (kernel.tuning.FUSE_DSWIGLU, kernel.functional.dw_config))
     kernel.tuning.FUSE_DSWIGLU = shipped_fuse if fuse is None else fuse
+    kernel.tuning.FUSED_ROUTER = router
     kernel.functional.dw_config = (
         (lambda *a, **kw: replace(shipped_dw(*a, **kw), persistent=persistent)) if persistent else shipped_dw
     )

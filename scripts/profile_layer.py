@@ -1,6 +1,6 @@
 """Where the host time of our layer goes at small token counts (Qwen3-30B-A3B block, bf16, CUDA).
 
-Times, per call, the router alone, the router + experts through our layer, and the functional
+Times, per call, the router alone (Transformers' forward and ours), the router + experts through our layer, and the functional
 `moe_experts_forward` on the router's output (GPU not awaited: host time), then a cProfile of
 the layer's forward (with --backward: forward+backward) sorted by own time. First, one
 forward+backward of the layer runs under torch.cuda.set_sync_debug_mode("error"): a host
@@ -39,6 +39,7 @@ def main():
     experts = block.experts
     calls = {
         "router": lambda: block.gate(flat),
+        "router (ours, call_gate)": lambda: kernel.gate.call_gate(block.gate, flat),
         "layer (router + experts)": lambda: layer(block, x),
         "experts_forward": lambda: kernel.experts_forward(experts, flat, ids, weights),
         "moe_experts_forward": lambda: kernel.moe_experts_forward(

@@ -222,3 +222,33 @@ def test_gemm_options_bit_equal(kernel, monkeypatch, option):
         results.append(_grads(kernel.moe_experts_forward, x, gate_up, down, ids, weights, grad_out))
     for off, on in zip(*results):
         assert torch.equal(off, on)
+
+
+@pytest.mark.parametrize("num_tokens,num_experts,top_k", [(4096, 128, 8), (1, 128, 8), (2048, 512, 10), (300, 160, 8)])
+def test_router_topk_bf16(kernel, num_tokens, num_experts, top_k):
+    """bf16 router logits (as the Qwen3 MoE routers make them): many exact ties, which torch.topk
+    orders as it likes. Ours must pick a top-k set (its probabilities equal torch's top-k values,
+    sorted), agree with torch wherever the two pick the same experts, and give the logits'
+    gradient of the float64 formula for the experts it picked."""
+    g = torch.Generator().manual_seed(num_tokens + num_experts)
+    x = torch.randn(num_tokens, 2048, generator=g).cuda().bfloat16()
+    weight = (0.02 * torch.randn(num_experts, 2048, generator=g)).cuda().bfloat16()
+    logits = (x @ weight.T).requires_grad_()
+    scores, indices = kernel.router_topk(logits, top_k, normalize=True)
+    probs = torch.softmax(logits.detach(), dtype=torch.float, dim=-1)
+    ref_values, ref_indices = torch.topk(probs, top_k, dim=-1)
+    picked = probs.gather(1, indices)
+    assert torch.allclose(picked, ref_values, rtol=1e-6, atol=0)  # a top-k set, in decreasing order
+    ref_scores = (ref_values / ref_values.sum(-1, keepdim=True)).bfloat16()
+    same = (indices == ref_indices).all(-1)
+    same_set = (indices.sort(-1).values == ref_indices.sort(-1).values).all(-1)
+    print(f"\nrouter T={num_tokens} E={num_experts} K={top_k}: tokens with torch's indices {same.float().mean():.4f}, "
+          f"with torch's set {same_set.float().mean():.4f}")
+    assert same.float().mean() > 0.5
+    assert torch.allclose(scores[same].float(), ref_scores[same].float(), rtol=2**-7, atol=0)
+    dscores = torch.randn(num_tokens, top_k, generator=g).cuda().bfloat16()
+    scores.backward(dscores)
+    ref_logits = logits.detach().double().requires_grad_()
+    values = torch.softmax(ref_logits, -1).gather(1, indices)
+    (values / values.sum(-1, keepdim=True)).backward(dscores.double())
+    assert rel_err(logits.grad, ref_logits.grad) < 1e-2

@@ -107,6 +107,8 @@ def test_training_matches_eager(kernel, tiny_checkpoint, device):
     with kernel_activity(kernel) as activity:
         out, grads = _train_step(model, batch)
     _assert_kernel_ran(activity, device, forwards=NUM_LAYERS, backwards=NUM_LAYERS)
+    # The routers too (gate.py): their top-k softmax, forward and backward.
+    assert activity["ops"].get("router_topk_fwd") == activity["ops"].get("router_topk_bwd") == NUM_LAYERS, activity
     _assert_step_matches(out, grads, ref_out, ref_grads, RTOL)
 
 

@@ -222,7 +222,8 @@ def kernel_activity(kernel, record_ops: bool = True):
 
     # The eager path calls the ops' implementations (functional._<op name>) by name.
     functional = importlib.import_module(kernel.__name__ + ".functional")
-    impls = {name: getattr(functional, f"_{name}") for name in ("experts_fwd", "experts_bwd")}
+    names = ("experts_fwd", "experts_bwd", "router_topk_fwd", "router_topk_bwd")
+    impls = {name: getattr(functional, f"_{name}") for name in names}
 
     def counted_impl(name, impl):
         def call(*args, **kwargs):

@@ -125,3 +125,13 @@ def check_lora(name: str, lora, weight: torch.Tensor) -> None:
     for i, factor in enumerate(lora):
         if factor.dtype != weight.dtype:
             raise TypeError(f"{name}[{i}] has dtype {factor.dtype} but the expert weight has {weight.dtype}")
+
+
+def check_router_inputs(router_logits, top_k) -> None:
+    """router_logits (T, E) float; top_k an int in [1, E]."""
+    _tensor("router_logits", router_logits, 2, FLOAT_DTYPES)
+    if isinstance(top_k, bool) or not isinstance(top_k, int):
+        raise TypeError(f"top_k must be an int, got {type(top_k).__name__}")
+    num_experts = router_logits.shape[1]
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be in [1, E] = [1, {num_experts}], got {top_k}")

@@ -18,10 +18,14 @@ from torch.autograd.function import once_differentiable
 from . import tuning
 from ._ops import add_op_namespace_prefix
 from .activation import swiglu_backward_launch
-from .checks import check_expert_ids, check_experts_inputs, check_grouped_gemm_inputs, check_lora, weight_like
+from .checks import (
+    check_expert_ids, check_experts_inputs, check_grouped_gemm_inputs, check_lora, check_router_inputs, weight_like,
+)  # fmt: skip
 from .combine import combine_launch
 from .grouped_gemm import dswiglu_gemm_launch, grouped_dw_launch, grouped_gemm_launch, swiglu_gemm_launch
 from .quant import Nf4Weight, dequantize_nf4, nf4_views, nf4_weight
+from .parallel import is_dtensor
+from .router import MAX_EXPERTS, router_topk_backward_launch, router_topk_launch
 from .routing import Routing, max_tiles, route, route_from_counts
 from .tuning import INTERPRET, block_m_for, dequantize_first, dw_config, gemm_config, rows_block
 
@@ -558,3 +562,94 @@ def grouped_gemm(x: Tensor, weight: Tensor, m_sizes: Tensor) -> Tensor:
         return grouped_gemm(x.float(), weight.float(), m_sizes).to(x.dtype)
     op = grouped_gemm_op if torch.compiler.is_compiling() else _GroupedGemm.apply
     return op(x.contiguous(), weight, m_sizes)
+
+
+# ---------------------------------------------------------------- router top-k
+
+
+def _router_topk_torch(logits, top_k, normalize):
+    """Transformers' routers after their linear layer, as written there (differentiable)."""
+    probs = F.softmax(logits, dtype=torch.float, dim=-1)
+    values, indices = torch.topk(probs, top_k, dim=-1)
+    if normalize:
+        values = values / values.sum(dim=-1, keepdim=True)
+    return values.to(logits.dtype), indices
+
+
+def _router_topk_fwd(logits: Tensor, top_k: int, normalize: bool) -> tuple[Tensor, Tensor]:
+    return router_topk_launch(logits, top_k, normalize)
+
+
+router_topk_fwd_op = torch.library.custom_op(
+    add_op_namespace_prefix("router_topk_fwd"), _router_topk_fwd, mutates_args=()
+)
+
+
+@router_topk_fwd_op.register_fake
+def _(logits, top_k, normalize):
+    return logits.new_empty(logits.shape[0], top_k), logits.new_empty(logits.shape[0], top_k, dtype=torch.int64)
+
+
+def _router_topk_bwd(logits: Tensor, indices: Tensor, dscores: Tensor, normalize: bool) -> Tensor:
+    return router_topk_backward_launch(logits, indices, dscores.to(logits.dtype).contiguous(), normalize)
+
+
+router_topk_bwd_op = torch.library.custom_op(
+    add_op_namespace_prefix("router_topk_bwd"), _router_topk_bwd, mutates_args=()
+)
+
+
+@router_topk_bwd_op.register_fake
+def _(logits, indices, dscores, normalize):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _router_topk_setup_context(ctx, inputs, output):
+    logits, _, normalize = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(logits, output[1])
+    ctx.normalize = normalize
+
+
+def _router_topk_backward(ctx, dscores, bwd):
+    if dscores is None:  # the scores did not reach the loss
+        return None, None, None
+    logits, indices = ctx.saved_tensors
+    return bwd(logits, indices, dscores, ctx.normalize), None, None
+
+
+torch.library.register_autograd(
+    router_topk_fwd_op, lambda ctx, dscores, _: _router_topk_backward(ctx, dscores, router_topk_bwd_op),
+    setup_context=_router_topk_setup_context,
+)  # fmt: skip
+
+
+class _RouterTopK(torch.autograd.Function):
+    """router_topk_fwd_op and its autograd outside torch.compile, without the custom-op dispatch."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _router_topk_fwd(*inputs)
+        _router_topk_setup_context(ctx, inputs, output)
+        ctx.set_materialize_grads(False)
+        return output
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dscores, _):
+        return _router_topk_backward(ctx, dscores, _router_topk_bwd)
+
+
+def router_topk(router_logits: Tensor, top_k: int, *, normalize: bool) -> tuple[Tensor, Tensor]:
+    """The top-k softmax of Transformers' Qwen3 MoE routers: router_logits (T, E) ->
+    (scores (T, K) in router_logits' dtype, indices (T, K) int64), the K largest of
+    softmax(router_logits) in float32, in decreasing order, divided by their sum when
+    normalize. Differentiable in router_logits. Ties go to the lower expert id.
+    """
+    check_router_inputs(router_logits, top_k)
+    num_experts = router_logits.shape[1]
+    if not _use_triton(router_logits) or is_dtensor(router_logits) or num_experts > MAX_EXPERTS:
+        return _router_topk_torch(router_logits, top_k, normalize)
+    logits = router_logits if router_logits.stride(1) == 1 else router_logits.contiguous()
+    op = router_topk_fwd_op if torch.compiler.is_compiling() else _RouterTopK.apply
+    return op(logits, top_k, bool(normalize))

@@ -6,6 +6,7 @@ from torch import nn
 
 from .checks import check_experts_inputs, check_lora, weight_like
 from .functional import moe_experts
+from .gate import call_gate
 from .parallel import call_sharded_experts, is_dtensor, is_sharded_experts, take_lora
 from .quant import expert_tensor, is_quantized
 from .quant.experts import EXPERT_TENSORS
@@ -113,7 +114,7 @@ def _fused_experts(experts: nn.Module, x, top_k_index, top_k_weights):
 def _routed_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Router, then the routed experts: (T, H) -> (T, H)."""
     # Calling block.gate keeps the router-logit hooks (output_router_logits, aux_loss) working.
-    _, routing_weights, selected_experts = block.gate(x)
+    _, routing_weights, selected_experts = call_gate(block.gate, x)
     out = _fused_experts(block.experts, x, selected_experts, routing_weights)
     if out is None:  # experts wrapped in something else: their own forward
         out = block.experts(x, selected_experts, routing_weights)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .gate import call_gate
 from .quant import is_quantized
 from .wrappers import is_supported, linear_lora, lora_factors, unwrap_experts
 
@@ -178,7 +179,7 @@ def fused_shared_inputs(block: nn.Module, x: Tensor):
         lora_factors(wrappers.get("down_proj"), experts.down_proj), down_lora, num_experts, hidden, two_inter // 2, x
     )  # fmt: skip
 
-    _, routing_weights, selected_experts = block.gate(x)  # the router's hooks record its logits
+    _, routing_weights, selected_experts = call_gate(block.gate, x)  # the router's hooks record its logits
     shared_weight = torch.sigmoid(block.shared_expert_gate(x))  # (T, 1)
     top_k_index = torch.cat([selected_experts, selected_experts.new_full((x.shape[0], 1), num_experts)], dim=1)
     top_k_weights = torch.cat([routing_weights, shared_weight.to(routing_weights.dtype)], dim=1)

@@ -34,6 +34,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # faster in one run (run 2) and slower in another (run 6), both within those sizes' run-to-run
 # noise. Read at each call.
 FUSE_DSWIGLU = False
+# The layers run Transformers' router classes (block.gate) with their softmax / top-k /
+# normalization in router.py's kernels (gate.py); False: the gate's own forward. Read at each call.
+FUSED_ROUTER = True
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 
 
