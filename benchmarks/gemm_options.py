@@ -1,10 +1,12 @@
-"""Each routed GEMM of the MoE block with its shipped config, with one config option set to
-each of several values (e.g. PERSISTENT 0 1 2, TMA_B 0 1: keys of configs/*.json): median ms
-of triton.testing.do_bench.
+"""Each routed and weight-gradient GEMM of the MoE block with its shipped config, with one config
+option set to each of several values (e.g. PERSISTENT 0 1 2, TMA_B 0 1 for the routed GEMMs,
+TMA 0 1 for the weight-gradient ones: keys of configs/*.json; GEMMs without the key are
+skipped): median ms of triton.testing.do_bench.
 The first value is timed again at the end, which shows the drift between measurements.
 
 Run on a CUDA machine after `python3 scripts/build.py` (it imports build/torch-cuda):
     python3 benchmarks/gemm_options.py PERSISTENT 0 1 2
+    python3 benchmarks/gemm_options.py TMA 0 1
 """
 
 import argparse
@@ -18,14 +20,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "build", "torch-cuda"))
 import qwen3_moe_fused as qmf  # noqa: E402
 from qwen3_moe_fused import tuning  # noqa: E402
-from qwen3_moe_fused.grouped_gemm import grouped_gemm_launch, swiglu_gemm_launch  # noqa: E402
+from qwen3_moe_fused.grouped_gemm import grouped_dw_launch, grouped_gemm_launch, swiglu_gemm_launch  # noqa: E402
 
 CASES = [((2048, 768), 16384), ((2048, 768), 2048), ((4096, 1536), 8192), ((2048, 768), 64)]  # (H, I), tokens
 NUM_EXPERTS, TOP_K = 128, 8
 
 
 def routed_gemms(hidden, inter, num_tokens):
-    """{kind: (N, K, launch(config))} of the four routed GEMMs on random inputs, and the row tile."""
+    """{kind: (N, K, launch(config))} of the four routed GEMMs and (M, N, launch(config)) of the two
+    weight-gradient GEMMs on random inputs, and the row tile."""
     dev, dt = torch.device("cuda"), torch.bfloat16
     x = torch.randn(num_tokens, hidden, device=dev, dtype=dt)
     gate_up = torch.randn(NUM_EXPERTS, 2 * inter, hidden, device=dev, dtype=dt) * hidden**-0.5
@@ -49,6 +52,10 @@ def routed_gemms(hidden, inter, num_tokens):
             grad_out, down, act, r, c, b_is_kn=True, gather=r.sorted_token)),
         "gate_up_dx": (hidden, 2 * inter, lambda c: grouped_gemm_launch(
             dh, gate_up, rows, r, c, b_is_kn=True, scatter=r.sort_idx)),
+        "gate_up_dw": (2 * inter, hidden, lambda c: grouped_dw_launch(
+            dh, x, torch.empty_like(gate_up), r, c, b_gather=r.sorted_token)),
+        "down_dw": (hidden, inter, lambda c: grouped_dw_launch(
+            grad_out, act, torch.empty_like(down), r, c, a_gather=r.sorted_token)),
     }  # fmt: skip
     return gemms, block_m
 
@@ -62,10 +69,13 @@ def main():
     for (hidden, inter), num_tokens in CASES:
         gemms, block_m = routed_gemms(hidden, inter, num_tokens)
         for kind, (n, k, launch) in gemms.items():
-            base = tuning.gemm_config(kind, n, k, block_m, dev)
+            dw = kind.endswith("_dw")
+            if args.option not in (tuning._DW_KEYS if dw else tuning._GEMM_KEYS).values():
+                continue
+            base = (tuning.dw_config if dw else tuning.gemm_config)(kind, n, k, block_m, dev)
             cells = []
             for value in args.values + args.values[:1]:
-                cfg = tuning.GemmConfig.from_json(dict(base.to_json(), **{args.option: value}))
+                cfg = type(base).from_json(dict(base.to_json(), **{args.option: value}))
                 launch(cfg)
                 ms = triton.testing.do_bench(lambda cfg=cfg: launch(cfg), warmup=10, rep=50, return_mode="median")
                 cells.append(f"{args.option}={value} {ms:.4f}")

@@ -1,5 +1,5 @@
-"""Compile the grouped GEMM kernels of two builds for sm_90 on a machine without a GPU, and
-compare their PTX: for a change that only restructures the kernels.
+"""Compile the grouped GEMM kernels (routed and weight-gradient) of two builds for sm_90 on a
+machine without a GPU, and compare their PTX: for a change that only restructures the kernels.
 
     python3 scripts/ptx_compare.py OLD_BUILD NEW_BUILD
 OLD_BUILD / NEW_BUILD: build/torch-cuda folders made by scripts/build.py from the two commits.
@@ -45,9 +45,9 @@ class Build:
     def __init__(self, path, name):
         self.pkg = load(path, name)
         self.forward = sys.modules[f"{name}.grouped_gemm.forward"]
-        self.dw = sys.modules[f"{name}.grouped_gemm.backward_dw"]
+        self.dw_module = sys.modules[f"{name}.grouped_gemm.backward_dw"]
         self.compiled = []
-        for module in (self.forward, self.dw):
+        for module in (self.forward, self.dw_module):
             for attr in dir(module):
                 kernel = getattr(module, attr)
                 if isinstance(kernel, triton.runtime.JITFunction) and attr.endswith("_kernel"):
@@ -55,6 +55,8 @@ class Build:
         self.forward._num_sms = lambda device: 132
         self.forward.nf4_code_table = lambda device: torch.zeros(16)
         self.forward._b_descriptor = self._b_descriptor
+        if hasattr(self.dw_module, "_rows_descriptor"):  # as on CUDA, for CPU tensors
+            self.dw_module._rows_descriptor = lambda t, block: TensorDescriptor(t, list(t.shape), [t.stride(0), 1], block)
 
     def _record(self, kernel):
         run = kernel.run
@@ -89,6 +91,13 @@ class Build:
 
     def dswiglu(self, *args, **kwargs):
         self.forward.dswiglu_gemm_launch(*args, **kwargs)
+        return self.compiled[-1]
+
+    def dw(self, *args, tma=False, persistent=0, **kwargs):
+        """A weight-gradient GEMM with 128x128x32 tiles; tma only where the build has the option."""
+        fields = dict(block_m=128, block_n=128, block_k=32, num_warps=8, num_stages=3, persistent=persistent)
+        config = self.pkg.tuning.DwConfig(**fields, **(dict(tma=True) if tma else {}))
+        self.dw_module.grouped_dw_launch(*args, config, **kwargs)
         return self.compiled[-1]
 
     def nf4(self, shape, dtype):
@@ -164,6 +173,27 @@ def main():
                       f"{sum(h_old.values())} / {sum(h_new.values())} instructions, shared memory "
                       f"{k_old.metadata.shared} / {k_new.metadata.shared}{f', counts new - old {diff}' if diff else ''}",
                       flush=True)  # fmt: skip
+    # The weight-gradient GEMMs (gate_up_dw: dh sorted, x gathered; down_dw: dOut gathered, w_act
+    # sorted), on both builds; then the new build's TMA option, compiled only.
+    dgate_up, ddown = rand(experts, 2 * inter, hidden), rand(experts, hidden, inter)
+    dw_cases = {
+        "gate_up_dw": lambda b, **o: b.dw(dh, x, dgate_up, r, b_gather=s, **o),
+        "down_dw": lambda b, **o: b.dw(out_rows[:tokens], act, ddown, r, a_gather=s, **o),
+    }
+    for persistent in (0, 1):
+        for name, launch in dw_cases.items():
+            k_old, k_new = launch(old, persistent=persistent), launch(new, persistent=persistent)
+            h_old, h_new = histogram(k_old.asm["ptx"]), histogram(k_new.asm["ptx"])
+            same = h_old == h_new and k_old.metadata.shared == k_new.metadata.shared
+            differ += not same
+            print(f"{'same' if same else 'DIFFERENT'}: {name} persistent={persistent}: {sum(h_old.values())} / "
+                  f"{sum(h_new.values())} instructions", flush=True)  # fmt: skip
+    if "tma" in getattr(new.pkg.tuning.DwConfig, "__dataclass_fields__", {}):
+        for persistent in (0, 1):
+            for name, launch in dw_cases.items():
+                ptx = launch(new, tma=True, persistent=persistent).asm["ptx"]
+                print(f"new build, {name} tma persistent={persistent}: {sum(histogram(ptx).values())} instructions, "
+                      f"{ptx.count('cp.async.bulk.tensor')} TMA loads in the PTX", flush=True)  # fmt: skip
     print(f"{differ} different")
     sys.exit(1 if differ else 0)
 

@@ -67,7 +67,8 @@ def lora_candidates():
         yield GemmConfig(block_n=block_n, block_k=block_k, group_m=8, num_warps=warps, num_stages=stages)
 
 
-# dW tiles that were best on the H100 / H200: also tried on a persistent grid (1 and 2 programs per SM).
+# dW tiles that were best on the H100 / H200: also tried on a persistent grid (1 and 2 programs per SM)
+# and with the sorted operand through a TMA descriptor.
 DW_PERSISTENT_TILES = [(128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (128, 128, 32, 4, 4), (128, 128, 64, 8, 4),
                        (128, 128, 32, 8, 3)]  # fmt: skip
 
@@ -84,6 +85,7 @@ def dw_candidates():
         for persistent in (1, 2):
             yield DwConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages,
                            persistent=persistent)  # fmt: skip
+        yield DwConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages, tma=True)
 
 
 # --from-shipped: {(kind, decode row tile?): configs} already in the device's JSON file; each key

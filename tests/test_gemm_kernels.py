@@ -6,6 +6,7 @@ are not multiples of the tiles. NF4 operands are random codes and absmax, dequan
 from the NF4 code values.
 """
 
+import importlib
 from dataclasses import replace
 
 import pytest
@@ -208,13 +209,44 @@ def test_weight_gradient(kernel, dtype, gathers, tiles):
     )  # fmt: skip
     assert torch.all(out[2] == 0)  # the expert without rows: an exact zero
     assert rel_err(out, expected) < TOL[dtype]
-    for persistent in (1, 2):  # a persistent grid walking the tiles: the same bits
+    # A persistent grid walking the tiles, one sorted operand through a TMA descriptor (unmasked:
+    # the other operand's masked rows zero the neighbouring experts' rows): the same bits.
+    for options in (dict(persistent=1), dict(persistent=2), dict(tma=True), dict(tma=True, persistent=1)):
         walked = torch.full_like(out, float("nan"))
         kernel.functional.grouped_dw_launch(
-            a, b, walked, r, replace(cfg, persistent=persistent), a_gather=r.sorted_token if gathers == "a" else None,
+            a, b, walked, r, replace(cfg, **options), a_gather=r.sorted_token if gathers == "a" else None,
             b_gather=r.sorted_token if gathers == "b" else None,
         )  # fmt: skip
-        assert torch.equal(walked, out), persistent
+        assert torch.equal(walked, out), options
+
+
+@pytest.mark.parametrize("gathers", ["none", "a", "b"])
+def test_weight_gradient_tma_descriptor_choice(kernel, monkeypatch, gathers):
+    """With config.tma exactly one operand read in sorted order comes through a descriptor
+    (A when it is not gathered, else B), never both, and none without the option."""
+    backward_dw = importlib.import_module(kernel.__name__ + ".grouped_gemm.backward_dw")
+    seen = []
+    original = backward_dw._grouped_dw_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(**kwargs):
+                seen.append((kwargs["a_desc"] is not None, kwargs["b_desc"] is not None))
+                return original[grid](**kwargs)
+
+            return launch
+
+    monkeypatch.setattr(backward_dw, "_grouped_dw_kernel", Spy())
+    r = _routing(kernel, 16)
+    a = torch.randn(NUM_TOKENS if gathers == "a" else r.sort_idx.numel(), 24)
+    b = torch.randn(NUM_TOKENS if gathers == "b" else r.sort_idx.numel(), 40)
+    cfg = kernel.tuning.DwConfig(block_m=32, block_n=32, block_k=16, num_warps=4, num_stages=1)
+    for tma in (False, True):
+        kernel.functional.grouped_dw_launch(
+            a, b, torch.empty(NUM_EXPERTS, 24, 40), r, replace(cfg, tma=tma),
+            a_gather=r.sorted_token if gathers == "a" else None, b_gather=r.sorted_token if gathers == "b" else None,
+        )  # fmt: skip
+    assert seen == [(False, False), (True, False) if gathers != "a" else (False, True)]
 
 
 DSWIGLU_CASES = {
@@ -355,7 +387,8 @@ def test_config_json_round_trip(kernel):
     cfg = tuning.GemmConfig.from_json(dict(BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3, TMA_B=True))
     assert cfg.tma_b and cfg.persistent == 0 and replace(cfg, persistent=1).to_json()["PERSISTENT"] == 1
     dw = tuning.DwConfig.from_json(dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3))
-    assert dw.persistent == 0 and "PERSISTENT" not in dw.to_json()
+    assert dw.persistent == 0 and not dw.tma and not {"PERSISTENT", "TMA"} & set(dw.to_json())
     assert tuning.DwConfig.from_json(dict(replace(dw, persistent=2).to_json())).persistent == 2
+    assert tuning.DwConfig.from_json(replace(dw, tma=True).to_json()) == replace(dw, tma=True)
     with pytest.raises(ValueError, match="BLOCK_Q"):
         tuning.GemmConfig.from_json(dict(BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3, BLOCK_Q=1))

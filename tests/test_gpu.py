@@ -198,27 +198,32 @@ def test_4bit_bf16(kernel, monkeypatch, num_tokens, path):
         assert err < 1e-2, name
 
 
-@pytest.mark.parametrize("option", ["tma_b", "persistent"])
+@pytest.mark.parametrize("option", ["tma_b", "persistent", "dw:tma", "dw:persistent"])
 def test_gemm_options_bit_equal(kernel, monkeypatch, option):
     """The routed GEMMs give the same bits with a config option on or off: expert weights
-    through a TMA descriptor (tma_b), a persistent grid (persistent); forward and all
-    gradients, 30B-A3B shape."""
+    through a TMA descriptor (tma_b), a persistent grid (persistent); so do the weight-gradient
+    GEMMs (dw:): the sorted operand through a TMA descriptor, a persistent grid; forward and
+    all gradients, 30B-A3B shape."""
     x, gate_up, down, ids, weights = _inputs(2048, **QWEN3_30B)
     grad_out = torch.randn_like(x)
-    lookup = kernel.tuning.gemm_config
+    dw = option.startswith("dw:")
+    field = option.removeprefix("dw:")
+    name = "dw_config" if dw else "gemm_config"
+    lookup = getattr(kernel.functional, name)
+    kinds = ("gate_up_dw", "down_dw") if dw else ("gate_up", "down", "down_dx", "gate_up_dx")
 
     def forced(value):
         def config(kind, *args, **kwargs):
             cfg = lookup(kind, *args, **kwargs)
-            if kind in ("gate_up", "down", "down_dx", "gate_up_dx"):
-                cfg = replace(cfg, **{option: value})
+            if kind in kinds:
+                cfg = replace(cfg, **{field: type(getattr(cfg, field))(value)})
             return cfg
 
         return config
 
     results = []
     for value in (0, 1):
-        monkeypatch.setattr(kernel.functional, "gemm_config", forced(value))
+        monkeypatch.setattr(kernel.functional, name, forced(value))
         results.append(_grads(kernel.moe_experts_forward, x, gate_up, down, ids, weights, grad_out))
     for off, on in zip(*results):
         assert torch.equal(off, on)

@@ -72,6 +72,8 @@ class DwConfig:
 
     persistent: programs per SM of a persistent grid whose programs walk the (expert, tile)
     pairs; 0: one program per tile (same bits either way).
+    tma: load one operand read in sorted order through a TMA descriptor (CUDA; same bits as
+    without for finite inputs, see backward_dw.py).
     """
 
     block_m: int
@@ -80,13 +82,14 @@ class DwConfig:
     num_warps: int
     num_stages: int
     persistent: int = 0
+    tma: bool = False
 
     @classmethod
     def from_json(cls, entry: dict) -> "DwConfig":
         return cls(**_from_json(entry, _DW_KEYS, cls.__name__))
 
     def to_json(self) -> dict:
-        return _to_json(self, _DW_KEYS, dict(persistent=0))
+        return _to_json(self, _DW_KEYS, dict(persistent=0, tma=False))
 
 
 _GEMM_KEYS = dict(
@@ -95,7 +98,7 @@ _GEMM_KEYS = dict(
 )  # fmt: skip
 _DW_KEYS = dict(
     block_m="BLOCK_M", block_n="BLOCK_N", block_k="BLOCK_K", num_warps="num_warps", num_stages="num_stages",
-    persistent="PERSISTENT",
+    persistent="PERSISTENT", tma="TMA",
 )  # fmt: skip
 
 

@@ -3,6 +3,11 @@
 A rows and B rows may be gathered through an index (None: read in sorted order). Experts
 with no rows get an exact zero gradient. DwConfig.persistent launches a grid of fewer
 programs that walk the (expert, tile) pairs in the same order (same bits as without).
+DwConfig.tma loads one operand read in sorted order through a TMA descriptor, unmasked: its
+rows past the expert's last belong to the next experts (zeros past the tensor), and the other
+operand's masked load is zero there, so they add exact zeros (same bits as without, for finite
+inputs; an inf or NaN in a neighbouring expert's rows would reach this expert's gradient).
+An earlier version zeroed those rows after the load, which sent the tile through registers.
 """
 
 import torch
@@ -10,14 +15,15 @@ import triton
 import triton.language as tl
 
 from ..routing import Routing
-from ..tuning import DwConfig
+from ..tuning import INTERPRET, DwConfig
 from .forward import _mapped_rows, _num_sms
 from ..sizes import cdiv
 
 
 @triton.jit
 def _dw_tile(
-    expert, pid, a_ptr, b_ptr, c_ptr, a_gather_ptr, b_gather_ptr, expert_offsets_ptr, M, N, stride_ar, stride_am,
+    expert, pid, a_ptr, b_ptr, a_desc, b_desc, c_ptr, a_gather_ptr, b_gather_ptr, expert_offsets_ptr, M, N, stride_ar,
+    stride_am,
     stride_br, stride_bn, stride_ce, stride_cm, stride_cn, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
@@ -36,18 +42,26 @@ def _dw_tile(
     for r0 in range(row_start, row_end, BLOCK_K):
         rows = r0 + tl.arange(0, BLOCK_K)
         r_mask = rows < row_end
-        a_rows = _mapped_rows(a_gather_ptr, rows, r_mask)
-        b_rows = _mapped_rows(b_gather_ptr, rows, r_mask)
-        a = tl.load(
-            a_ptr + a_rows[None, :] * stride_ar + offs_m[:, None] * stride_am,
-            mask=m_mask[:, None] & r_mask[None, :],
-            other=0.0,
-        )  # (BLOCK_M, BLOCK_K): A^T
-        b = tl.load(
-            b_ptr + b_rows[:, None] * stride_br + offs_n[None, :] * stride_bn,
-            mask=r_mask[:, None] & n_mask[None, :],
-            other=0.0,
-        )
+        if a_desc is None:
+            a_rows = _mapped_rows(a_gather_ptr, rows, r_mask)
+        if b_desc is None:
+            b_rows = _mapped_rows(b_gather_ptr, rows, r_mask)
+        if a_desc is not None:  # unmasked: B is zero in the rows past the expert's last
+            a = a_desc.load([r0, pid_m * BLOCK_M]).T
+        else:
+            a = tl.load(
+                a_ptr + a_rows[None, :] * stride_ar + offs_m[:, None] * stride_am,
+                mask=m_mask[:, None] & r_mask[None, :],
+                other=0.0,
+            )  # (BLOCK_M, BLOCK_K): A^T
+        if b_desc is not None:  # unmasked: A is zero in the rows past the expert's last
+            b = b_desc.load([r0, pid_n * BLOCK_N])
+        else:
+            b = tl.load(
+                b_ptr + b_rows[:, None] * stride_br + offs_n[None, :] * stride_bn,
+                mask=r_mask[:, None] & n_mask[None, :],
+                other=0.0,
+            )
         if IEEE:
             acc = tl.dot(a, b, acc, input_precision="ieee")
         else:
@@ -61,6 +75,8 @@ def _dw_tile(
 def _grouped_dw_kernel(
     a_ptr,  # (rows of A, M)
     b_ptr,  # (rows of B, N)
+    a_desc,  # TMA descriptor of A in (BLOCK_K, BLOCK_M) blocks, or None (then b_desc may be given)
+    b_desc,  # TMA descriptor of B in (BLOCK_K, BLOCK_N) blocks, or None
     c_ptr,  # (E, M, N)
     a_gather_ptr,  # (sorted rows,) row of A for each sorted row, or None
     b_gather_ptr,  # (sorted rows,) row of B for each sorted row, or None
@@ -86,13 +102,39 @@ def _grouped_dw_kernel(
     if PERSISTENT:
         tiles_per_expert = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
         for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
-            _dw_tile(tile // tiles_per_expert, tile % tiles_per_expert, a_ptr, b_ptr, c_ptr, a_gather_ptr,
+            _dw_tile(tile // tiles_per_expert, tile % tiles_per_expert, a_ptr, b_ptr, a_desc, b_desc, c_ptr, a_gather_ptr,
                      b_gather_ptr, expert_offsets_ptr, M, N, stride_ar, stride_am, stride_br, stride_bn, stride_ce,
                      stride_cm, stride_cn, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
     else:
-        _dw_tile(tl.program_id(1), tl.program_id(0), a_ptr, b_ptr, c_ptr, a_gather_ptr, b_gather_ptr,
+        _dw_tile(tl.program_id(1), tl.program_id(0), a_ptr, b_ptr, a_desc, b_desc, c_ptr, a_gather_ptr, b_gather_ptr,
                  expert_offsets_ptr, M, N, stride_ar, stride_am, stride_br, stride_bn, stride_ce, stride_cm, stride_cn,
                  IEEE, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+
+
+def _rows_descriptor(t: torch.Tensor, block: list[int]):
+    """TMA descriptor of t (rows, cols) in blocks of `block`, where TMA can read t (CUDA or the
+    interpreter, unit column stride, 16-byte aligned base and rows); else None."""
+    if not (t.is_cuda or INTERPRET) or t.stride(1) != 1:
+        return None
+    if t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16:
+        return None
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor(t, list(t.shape), [t.stride(0), 1], block)
+
+
+def _descriptors(a, b, config: DwConfig, a_gather, b_gather):
+    """(a_desc, b_desc): with config.tma, a descriptor for one operand read in sorted order
+    (never both: the other's masked load is what zeroes the rows past an expert's last)."""
+    if not config.tma:
+        return None, None
+    if a_gather is None:
+        a_desc = _rows_descriptor(a, [config.block_k, config.block_m])
+        if a_desc is not None:
+            return a_desc, None
+    if b_gather is None:
+        return None, _rows_descriptor(b, [config.block_k, config.block_n])
+    return None, None
 
 
 def grouped_dw_launch(
@@ -119,8 +161,9 @@ def grouped_dw_launch(
         grid = (min(num_tiles, config.persistent * _num_sms(a.device)),)
     else:
         grid = (tiles_per_expert, num_experts)
+    a_desc, b_desc = _descriptors(a, b, config, a_gather, b_gather)
     _grouped_dw_kernel[grid](
-        a_ptr=a, b_ptr=b, c_ptr=out, a_gather_ptr=a_gather, b_gather_ptr=b_gather,
+        a_ptr=a, b_ptr=b, a_desc=a_desc, b_desc=b_desc, c_ptr=out, a_gather_ptr=a_gather, b_gather_ptr=b_gather,
         expert_offsets_ptr=routing.expert_offsets, num_tiles=num_tiles, M=m, N=n,
         stride_ar=a.stride(0), stride_am=a.stride(1), stride_br=b.stride(0), stride_bn=b.stride(1),
         stride_ce=out.stride(0), stride_cm=out.stride(1), stride_cn=out.stride(2),
