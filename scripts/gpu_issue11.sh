@@ -4,7 +4,8 @@
 #   bash scripts/gpu_issue11.sh tests     the pinned wheels in .whl (carry .whl): the GPU tests,
 #                                         the host-time profiles at 64 tokens (~6 min)
 #   bash scripts/gpu_issue11.sh ours      ours / ours-router / grouped_mm side by side at 64,
-#                                         2048 and 16384 tokens (30B), 235B at 8192 (~5 min)
+#                                         2048 and 16384 tokens (30B), 235B at 8192; the dW
+#                                         GEMMs with and without DwConfig.tma (~6 min)
 #   bash scripts/gpu_issue11.sh sonic     after `source .anchor/setup.sh` (the anchor site):
 #                                         SonicMoE with them in one process, 30B 16384 and
 #                                         2048 (its first call per shape autotunes ~2.5 min)
@@ -36,7 +37,9 @@ case $step in
   ours)
     python3 $bench --cases 30b-t64,30b-t2048,30b-t16384,235b-t8192 --impls grouped_mm,ours,ours-router --repeats 3 \
       --json "$out/block_ours.json" > "$out/block_ours.log" 2>&1
+    python3 benchmarks/gemm_options.py TMA 0 1 > "$out/dw_tma.log" 2>&1  # the dW GEMMs' TMA option
     grep -E "^\| " "$out/block_ours.log"
+    cat "$out/dw_tma.log"
     ;;
   sonic)
     python3 $bench --cases 30b-t16384,30b-t2048 --impls grouped_mm,ours,ours-router,sonicmoe \

@@ -51,6 +51,8 @@ def call_gate(gate: nn.Module, x: torch.Tensor):
     own forward (tuning.FUSED_ROUTER; not while compiling: there Inductor fuses the router)."""
     if not tuning.FUSED_ROUTER or torch.compiler.is_compiling() or not _runs_class_forward(gate):
         return gate(x)
+    # An instance attribute for the length of the call (nn.Module.__call__ reads self.forward):
+    # one module called from two threads at once would see each other's.
     gate.forward = _gate_forward.__get__(gate)
     try:
         return gate(x)
