@@ -1,7 +1,8 @@
 """Host time per call of each piece of our layer's forward and backward at a small token count
 (Qwen3-30B-A3B experts, bf16, CUDA): each routed launch of functional.py, the routing, the
-allocations, an empty Triton kernel (Triton's own launch floor) and a torch op, so that the
-layer's host time can be read piece by piece.
+allocations, the router's top-k softmax (Transformers' torch ops and ours), an empty Triton
+kernel (Triton's own launch floor) and a torch op, so that the layer's host time can be read
+piece by piece.
 
     python3 scripts/bench_launch.py [--tokens 64]
 """
@@ -70,6 +71,7 @@ def main():
     cfg_dw = fn.dw_config("down_dw", hidden, inter, block_m, dev)
     ddown = torch.empty_like(down)
     wflat = weights.reshape(-1)
+    logits = torch.randn(tokens, num_experts, device=dev, dtype=dt)
     flat_x = x.view(-1)
     pieces = {
         "torch.empty (rows, H)": lambda: torch.empty(rows, hidden, device=dev, dtype=dt),
@@ -93,6 +95,8 @@ def main():
         "_experts_fwd (save_h)": lambda: fn._experts_fwd(
             x, gate_up, down, ids, weights, None, None, None, None, [], block_m, True),
         "moe_experts_forward (no grad)": lambda: kernel.moe_experts_forward(x, gate_up, down, ids, weights, check_ids=False),
+        "router top-k: Transformers' torch ops": lambda: fn._router_topk_torch(logits, top_k, True),
+        "router top-k: router_topk (one kernel)": lambda: kernel.router_topk(logits, top_k, normalize=True),
     }  # fmt: skip
     print(f"tokens {tokens}, block_m {block_m}, configs: gate_up {cfg_up}, down {cfg_down}")
     print(f"torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name()}")
