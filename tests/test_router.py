@@ -157,6 +157,22 @@ def test_router_topk_ties_go_to_the_lower_expert(kernel):
     assert rel_err(logits.grad, ref_logits.grad) < 1e-6
 
 
+def test_router_topk_nan_logits_give_nan_scores(kernel):
+    """A token with a NaN logit has NaN probabilities (as in torch's softmax): its scores are NaN
+    and its K experts distinct ids in [0, E) (never an id past E, which routing would drop);
+    the other tokens are unaffected."""
+    logits = torch.randn(5, 12, generator=torch.Generator().manual_seed(8))
+    logits[1, 7] = float("nan")
+    logits[3] = float("nan")
+    scores, indices = kernel.router_topk(logits, 4, normalize=True)
+    ref_scores, ref_indices = kernel.functional._router_topk_torch(logits, 4, True)
+    for t in (1, 3):
+        assert torch.isnan(scores[t]).all() and torch.isnan(ref_scores[t]).all()
+        assert indices[t].unique().numel() == 4 and 0 <= indices[t].min() and indices[t].max() < 12
+    ok = torch.tensor([0, 2, 4])
+    assert torch.equal(indices[ok], ref_indices[ok]) and rel_err(scores[ok], ref_scores[ok]) < 1e-6
+
+
 def test_router_topk_reads_strided_logits_and_zero_tokens(kernel):
     g = torch.Generator().manual_seed(4)
     wide = torch.randn(9, 20, generator=g)

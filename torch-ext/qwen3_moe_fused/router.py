@@ -56,16 +56,19 @@ def _router_topk_kernel(
         logits_ptr, stride_lt, num_tokens, num_experts, BLOCK_T, BLOCK_E
     )
     # Selection: K rounds of (largest p, lowest id among equals); a chosen expert drops to -1.
-    remaining = tl.where(expert_mask[None, :], probs, -1.0)
+    # NaN ranks above every probability, as in torch.topk, and stays the value of its slot.
+    remaining = tl.where(expert_mask[None, :], tl.where(probs == probs, probs, 2.0), -1.0)
     slots = tl.arange(0, BLOCK_K)
     values = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
     ids = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int32)
     for k in tl.static_range(TOP_K):
         best = tl.max(remaining, axis=1)
         best_id = tl.min(tl.where(remaining == best[:, None], experts[None, :], BLOCK_E), axis=1)
-        values = tl.where(slots[None, :] == k, best[:, None], values)
+        chosen = experts[None, :] == best_id[:, None]
+        value = tl.sum(tl.where(chosen, probs, 0.0), axis=1)
+        values = tl.where(slots[None, :] == k, value[:, None], values)
         ids = tl.where(slots[None, :] == k, best_id[:, None], ids)
-        remaining = tl.where(experts[None, :] == best_id[:, None], -1.0, remaining)
+        remaining = tl.where(chosen, -1.0, remaining)
     if NORMALIZE:
         values = values / tl.sum(values, axis=1)[:, None]
     out = tokens.to(tl.int64)[:, None] * TOP_K + slots[None, :]
