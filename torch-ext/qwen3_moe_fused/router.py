@@ -64,11 +64,10 @@ def _router_topk_kernel(
     for k in tl.static_range(TOP_K):
         best = tl.max(remaining, axis=1)
         best_id = tl.min(tl.where(remaining == best[:, None], experts[None, :], BLOCK_E), axis=1)
-        chosen = experts[None, :] == best_id[:, None]
-        value = tl.sum(tl.where(chosen, probs, 0.0), axis=1)
+        value = tl.where(best == 2.0, float("nan"), best)  # probabilities are at most 1
         values = tl.where(slots[None, :] == k, value[:, None], values)
         ids = tl.where(slots[None, :] == k, best_id[:, None], ids)
-        remaining = tl.where(chosen, -1.0, remaining)
+        remaining = tl.where(experts[None, :] == best_id[:, None], -1.0, remaining)
     if NORMALIZE:
         values = values / tl.sum(values, axis=1)[:, None]
     out = tokens.to(tl.int64)[:, None] * TOP_K + slots[None, :]
