@@ -170,6 +170,24 @@ def test_moe_experts_forward_lora_trainable_base_and_peft_layout(kernel):
         assert rel_err(a.grad, b.grad) <= RTOL, f"gradient of {name}: {rel_err(a.grad, b.grad):.2e}"
 
 
+def test_lora_backward_reuses_the_forwards_projected_rows(kernel, monkeypatch):
+    """The gate_up LoRA term's input x @ A^T is computed once, in the forward, and saved for the
+    gradient of B: the backward projects only dh, dOut and w_act (and gives the reference's
+    gradients, test above)."""
+    x, gate_up, down, ids, weights, gu, dn = _functional_inputs(29, 32, 24, 4, 2, "random", 4, 4, seed=5)
+    a_gu, b_gu, a_dn, b_dn = _leaves([*gu, *dn])
+    projected = []
+    original = kernel.functional._lora_project
+    monkeypatch.setattr(kernel.functional, "_lora_project",
+                        lambda a, factor, *args, **kw: projected.append(factor) or original(a, factor, *args, **kw))
+    out = kernel.moe_experts_forward(x, gate_up, down, ids, weights, gate_up_lora=(a_gu, b_gu), down_lora=(a_dn, b_dn))
+    assert [f is a_gu for f in projected] == [True, False]  # forward: x @ A_gate_up^T, act @ A_down^T
+    projected.clear()
+    out.sum().backward()
+    assert len(projected) == 3 and not any(f is a_gu for f in projected), projected
+    assert all(t.grad is not None for t in (a_gu, b_gu, a_dn, b_dn))
+
+
 def test_moe_experts_forward_lora_no_grad(kernel):
     """Inference (no_grad, inference_mode) with LoRA: the reference's output, deterministic."""
     x, gate_up, down, ids, weights, gu, dn = _functional_inputs(1, 48, 32, 8, 2, "random", 8, 8, seed=3)
