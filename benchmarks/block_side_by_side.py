@@ -19,7 +19,10 @@ Median ms of triton.testing.do_bench after an untimed first call (first_call_s: 
 SonicMoE JIT-compiled for 145 s at 30B/16384 tokens, ~25 s at each new token count, 209 s for
 235B; Liger autotunes ~240 kernel configs at each new (H, I), ~3.5 minutes, and keeps its choice
 for later token counts; scattermoe has one config a kernel and torch.compiles its sort). Each
-implementation's output and gradients are compared with grouped_mm's (relative Frobenius error).
+implementation's output and gradients are compared with grouped_mm's (relative Frobenius error;
+in bf16 ties between router probabilities can pick other experts than torch.topk, which shows
+there). Our layer runs the router's top-k softmax in its kernel (gate.py); `ours-router` keeps
+Transformers' router forward, to time that kernel alone (OURS_OPTIONS below).
 `--json` is rewritten after every case, so a run cut short keeps the cases it finished.
 
     python benchmarks/block_side_by_side.py [--cases 30b-t16384,...] [--impls ours,grouped_mm,sonicmoe,scattermoe,liger]
