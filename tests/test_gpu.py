@@ -246,11 +246,16 @@ def test_router_topk_bf16(kernel, num_tokens, num_experts, top_k):
     assert torch.allclose(picked, ref_values, rtol=1e-6, atol=0)  # a top-k set, in decreasing order
     ref_scores = (ref_values / ref_values.sum(-1, keepdim=True)).bfloat16()
     same = (indices == ref_indices).all(-1)
-    same_set = (indices.sort(-1).values == ref_indices.sort(-1).values).all(-1)
+    ours_sorted, ours_order = indices.sort(-1)
+    ref_sorted, ref_order = ref_indices.sort(-1)
+    same_set = (ours_sorted == ref_sorted).all(-1)
     print(f"\nrouter T={num_tokens} E={num_experts} K={top_k}: tokens with torch's indices {same.float().mean():.4f}, "
           f"with torch's set {same_set.float().mean():.4f}")
-    assert same.float().mean() > 0.5
-    assert torch.allclose(scores[same].float(), ref_scores[same].float(), rtol=2**-7, atol=0)
+    # torch.topk on CUDA takes the lower ids among values equal to the K-th, as ours does; the
+    # order inside the K slots may differ among equal values (their scores are equal too).
+    assert same_set.float().mean() >= 0.9
+    by_id, ref_by_id = scores.gather(1, ours_order), ref_scores.gather(1, ref_order)
+    assert torch.allclose(by_id[same_set].float(), ref_by_id[same_set].float(), rtol=2**-7, atol=0)
     dscores = torch.randn(num_tokens, top_k, generator=g).cuda().bfloat16()
     scores.backward(dscores)
     ref_logits = logits.detach().double().requires_grad_()
