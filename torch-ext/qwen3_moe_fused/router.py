@@ -6,7 +6,8 @@ and hand the experts w rounded to l's dtype. The forward kernel does that for a 
 tokens in registers (torch runs five kernels and keeps p in memory); the backward kernel
 gives dl from dw, recomputing p from the logits instead of saving it:
     dv = (dw - <dw, w>) / sum(v)   (dv = dw without normalizing)
-    dl = p * (dp - <dv, v>)        where dp is dv scattered to the selected experts.
+    dl = p * (dp - <dv, v>)        where dp is dv scattered to the selected experts
+                                   (<dv, v> = 0 when normalizing, <dw, v> without).
 Ties in p go to the lower expert id (torch.topk leaves their order unspecified).
 """
 
@@ -106,20 +107,20 @@ def _router_topk_backward_kernel(
         total += v
         dot += dw * v
     total = tl.where(token_mask, total, 1.0)  # padding tokens select nothing
-    # Second pass: dv per slot, scattered to its expert (dp), and <dv, v>.
+    # Second pass: dv per slot, scattered to its expert (dp).
     dp = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
-    dv_dot_v = tl.zeros((BLOCK_T,), dtype=tl.float32)
     for k in tl.static_range(TOP_K):
         ids = tl.load(indices_ptr + slot_ptrs + k, mask=token_mask, other=-1)
         dv = tl.load(dscores_ptr + slot_ptrs + k, mask=token_mask, other=0.0).to(tl.float32)
-        hit = experts[None, :] == ids[:, None]
-        v = tl.sum(tl.where(hit, probs, 0.0), axis=1)
         if NORMALIZE:
             # w = v / S: dv = dw / S - <dw, v> / S^2
             dv = (dv - dot / total) / total
-        dp += tl.where(hit, dv[:, None], 0.0)
-        dv_dot_v += dv * v
-    dlogits = probs * (dp - dv_dot_v[:, None])
+        dp += tl.where(experts[None, :] == ids[:, None], dv[:, None], 0.0)
+    # <dv, v>: sum_k v_k (dw_k - <dw, v> / S) / S = 0 with the normalization, else <dw, v>.
+    if NORMALIZE:
+        dlogits = probs * dp
+    else:
+        dlogits = probs * (dp - dot[:, None])
     offs = tokens.to(tl.int64)[:, None] * num_experts + experts[None, :]
     mask = token_mask[:, None] & expert_mask[None, :]
     tl.store(dlogits_ptr + offs, dlogits.to(dlogits_ptr.dtype.element_ty), mask=mask)

@@ -23,8 +23,7 @@ from ..sizes import cdiv
 @triton.jit
 def _dw_tile(
     expert, pid, a_ptr, b_ptr, a_desc, b_desc, c_ptr, a_gather_ptr, b_gather_ptr, expert_offsets_ptr, M, N, stride_ar,
-    stride_am,
-    stride_br, stride_bn, stride_ce, stride_cm, stride_cn, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
+    stride_am, stride_br, stride_bn, stride_ce, stride_cm, stride_cn, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """Output tile pid = m-tile * n-tiles + n-tile of expert's gradient (arguments as in _grouped_dw_kernel)."""
@@ -42,6 +41,7 @@ def _dw_tile(
     for r0 in range(row_start, row_end, BLOCK_K):
         rows = r0 + tl.arange(0, BLOCK_K)
         r_mask = rows < row_end
+        # Both index loads before both tile loads, as without TMA (the same PTX with it off).
         if a_desc is None:
             a_rows = _mapped_rows(a_gather_ptr, rows, r_mask)
         if b_desc is None:
