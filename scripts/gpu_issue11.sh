@@ -2,13 +2,14 @@
 # The measurements issue 11 (beat SonicMoE on the H200) still needs, in device calls of at most
 # 10 minutes each, logs under $OUT (default ./gpu-issue11). Run from the repo root.
 #   bash scripts/gpu_issue11.sh tests     the pinned wheels in .whl (carry .whl): the GPU tests,
-#                                         the host-time profiles at 64 tokens (~6 min)
+#                                         the dW configs retuned with the TMA candidates (30B,
+#                                         written to $OUT too), the host-time profiles at 64 tokens
 #   bash scripts/gpu_issue11.sh ours      ours / ours-router / grouped_mm side by side at 64,
-#                                         2048 and 16384 tokens (30B), 235B at 8192; the dW
-#                                         GEMMs with and without DwConfig.tma (~6 min)
+#                                         2048 and 16384 tokens (30B), 235B at 8192, full, LoRA
+#                                         and QLoRA (~6 min; the wheels of `tests` if still there)
 #   bash scripts/gpu_issue11.sh sonic     after `source .anchor/setup.sh` (the anchor site):
-#                                         SonicMoE with them in one process, 30B 16384 and
-#                                         2048 (its first call per shape autotunes ~2.5 min)
+#                                         SonicMoE with grouped_mm and ours in one process, 30B
+#                                         16384 and 235B 8192 (its first call per shape autotunes)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-issue11}
@@ -16,8 +17,8 @@ mkdir -p "$out"
 step=${1:?tests, ours or sonic}
 if [ "$step" != sonic ] && compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
+if [ "$step" != sonic ] && [ -d /tmp/site ]; then export PYTHONPATH=/tmp/site:${PYTHONPATH:-}; fi
 python3 scripts/build.py >/dev/null && python3 scripts/publish_local.py >/dev/null || exit 1
 export HF_HUB_OFFLINE=1 HF_HUB_CACHE=$PWD/build/hub-cache PYTHONUNBUFFERED=1
 bench=benchmarks/block_side_by_side.py
@@ -31,18 +32,25 @@ case $step in
     python3 -m pytest -q -m gpu tests/test_family.py > "$out/test_family.log" 2>&1
     python3 scripts/profile_layer.py --tokens 64 --backward > "$out/profile_layer_t64.log" 2>&1
     python3 scripts/bench_launch.py > "$out/bench_launch_t64.log" 2>&1
+    # last, bounded: each key is written as soon as it is tuned, so a cut-off run still counts
+    timeout "${TUNE_S:-200}" python3 scripts/tune.py --quick --only dw > "$out/tune_dw.log" 2>&1
+    cp torch-ext/qwen3_moe_fused/configs/NVIDIA_H200.json "$out/"
     grep -hE "passed|failed|^router T=" "$out"/test_*.log
     grep -E "host .* us/call" "$out/profile_layer_t64.log"
+    grep -E "best|->" "$out/tune_dw.log" | tail -4
     ;;
   ours)
-    python3 $bench --cases 30b-t64,30b-t2048,30b-t16384,235b-t8192 --impls grouped_mm,ours,ours-router --repeats 3 \
+    python3 $bench --cases 30b-t64,30b-t2048,30b-t16384,235b-t8192 --impls grouped_mm,ours,ours-router \
+      --modes full,lora,qlora --lora-cases 30b-t2048,30b-t16384 --repeats 3 \
       --json "$out/block_ours.json" > "$out/block_ours.log" 2>&1
-    python3 benchmarks/gemm_options.py TMA 0 1 > "$out/dw_tma.log" 2>&1  # the dW GEMMs' TMA option
+    for run in 1 2 3 4 5; do  # the decode target: below grouped_mm in each of 5 runs
+      python3 $bench --cases 30b-t64 --impls grouped_mm,ours > "$out/block_t64_run$run.log" 2>&1
+    done
     grep -E "^\| " "$out/block_ours.log"
-    cat "$out/dw_tma.log"
+    grep -hE "^\| 30b" "$out"/block_t64_run*.log
     ;;
   sonic)
-    python3 $bench --cases 30b-t16384,30b-t2048 --impls grouped_mm,ours,ours-router,sonicmoe \
+    python3 $bench --cases 30b-t16384,235b-t8192 --impls grouped_mm,ours,sonicmoe \
       --json "$out/block_sonic.json" > "$out/block_sonic.log" 2>&1
     grep -E "^\| " "$out/block_sonic.log"
     ;;
