@@ -10,6 +10,11 @@
 #   bash scripts/gpu_issue11.sh sonic     after `source .anchor/setup.sh` (the anchor site):
 #                                         SonicMoE with grouped_mm and ours in one process, 30B
 #                                         16384 and 235B 8192 (its first call per shape autotunes)
+#   bash scripts/gpu_issue11.sh confirm   the leads of 2026-12-02 (benchmarks/RESULTS.md): the
+#                                         family's dW keys retuned over the shipped tiles (TMA
+#                                         ones included), then 235B ours with and without the
+#                                         down_dx_swiglu key that tune found (3 runs each); the
+#                                         JSON with the family's keys comes back in $OUT
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-issue11}
@@ -53,5 +58,29 @@ case $step in
     python3 $bench --cases 30b-t16384,235b-t8192 --impls grouped_mm,ours,sonicmoe \
       --json "$out/block_sonic.json" > "$out/block_sonic.log" 2>&1
     grep -E "^\| " "$out/block_sonic.log"
+    ;;
+  confirm)
+    json=torch-ext/qwen3_moe_fused/configs/NVIDIA_H200.json
+    timeout 240 python3 scripts/tune.py --family --only dw --from-shipped --log "$out/tune_family_dw.log" \
+      > "$out/tune_family_dw_best.log" 2>&1
+    cp $json "$out/"
+    key='down_dx_swiglu|N=1536|K=4096|BM=128'
+    for variant in without with; do
+      if [ $variant = with ]; then
+        python3 - "$json" "$key" <<'PY'
+import json, sys
+path, key = sys.argv[1:]
+configs = json.load(open(path))
+configs[key] = {"BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 4}
+json.dump(configs, open(path, "w"), indent=1)
+PY
+      fi
+      python3 scripts/build.py >/dev/null && python3 scripts/publish_local.py >/dev/null || exit 1
+      for run in 1 2 3; do
+        python3 $bench --cases 235b-t8192 --impls ours 2>&1 | grep -E "^\| 235b" | sed "s/^/$variant dswiglu key, run $run: /"
+      done
+    done > "$out/confirm_235b_dswiglu.log"
+    grep -E "ms " "$out/tune_family_dw_best.log"
+    cat "$out/confirm_235b_dswiglu.log"
     ;;
 esac
