@@ -11,6 +11,7 @@
 #                                         SonicMoE with grouped_mm and ours in one process, 30B
 #                                         16384 and 235B 8192 (its first call per shape autotunes)
 #   bash scripts/gpu_issue11.sh confirm   the leads of 2026-12-02 (benchmarks/RESULTS.md): the
+#                                         dW GEMMs with / without TMA since its fix, the blocks; the
 #                                         family's dW keys retuned over the shipped tiles (TMA
 #                                         ones included), then 235B ours with and without the
 #                                         down_dx_swiglu key that tune found (3 runs each); the
@@ -61,6 +62,10 @@ case $step in
     ;;
   confirm)
     json=torch-ext/qwen3_moe_fused/configs/NVIDIA_H200.json
+    # The dW GEMMs with and without TMA (the loop that reads only the expert's rows), then the blocks.
+    python3 benchmarks/gemm_options.py TMA 0 1 > "$out/dw_tma.log" 2>&1
+    python3 $bench --cases 30b-t16384,30b-t2048,235b-t8192 --impls grouped_mm,ours --json "$out/block_confirm.json" \
+      > "$out/block_confirm.log" 2>&1
     timeout 240 python3 scripts/tune.py --family --only dw --from-shipped --log "$out/tune_family_dw.log" \
       > "$out/tune_family_dw_best.log" 2>&1
     cp $json "$out/"
@@ -80,6 +85,7 @@ PY
         python3 $bench --cases 235b-t8192 --impls ours 2>&1 | grep -E "^\| 235b" | sed "s/^/$variant dswiglu key, run $run: /"
       done
     done > "$out/confirm_235b_dswiglu.log"
+    cat "$out/dw_tma.log"; grep -E "^\| " "$out/block_confirm.log"
     grep -E "ms " "$out/tune_family_dw_best.log"
     cat "$out/confirm_235b_dswiglu.log"
     ;;

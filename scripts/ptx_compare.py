@@ -188,12 +188,25 @@ def main():
             differ += not same
             print(f"{'same' if same else 'DIFFERENT'}: {name} persistent={persistent}: {sum(h_old.values())} / "
                   f"{sum(h_new.values())} instructions", flush=True)  # fmt: skip
-    if "tma" in getattr(new.pkg.tuning.DwConfig, "__dataclass_fields__", {}):
+    # The TMA option: compared where both builds have it, else the new build's compiled alone.
+    has_tma = ["tma" in getattr(b.pkg.tuning.DwConfig, "__dataclass_fields__", {}) for b in (old, new)]
+    if has_tma[1]:
         for persistent in (0, 1):
             for name, launch in dw_cases.items():
-                ptx = launch(new, tma=True, persistent=persistent).asm["ptx"]
-                print(f"new build, {name} tma persistent={persistent}: {sum(histogram(ptx).values())} instructions, "
-                      f"{ptx.count('cp.async.bulk.tensor')} TMA loads in the PTX", flush=True)  # fmt: skip
+                k_new = launch(new, tma=True, persistent=persistent)
+                h_new = histogram(k_new.asm["ptx"])
+                tma = f"{k_new.asm['ptx'].count('cp.async.bulk.tensor')} TMA loads in the PTX"
+                if not has_tma[0]:
+                    print(f"new build, {name} tma persistent={persistent}: {sum(h_new.values())} instructions, {tma}")
+                    continue
+                k_old = launch(old, tma=True, persistent=persistent)
+                h_old = histogram(k_old.asm["ptx"])
+                diff = {op: h_new[op] - h_old[op] for op in sorted(set(h_old) | set(h_new)) if h_new[op] != h_old[op]}
+                same = not diff and k_old.metadata.shared == k_new.metadata.shared
+                differ += not same
+                print(f"{'same' if same else 'DIFFERENT'}: {name} tma persistent={persistent}: {sum(h_old.values())} / "
+                      f"{sum(h_new.values())} instructions ({tma}), shared memory {k_old.metadata.shared} / "
+                      f"{k_new.metadata.shared}{f', counts new - old {diff}' if diff else ''}", flush=True)  # fmt: skip
     print(f"{differ} different")
     sys.exit(1 if differ else 0)
 

@@ -220,6 +220,50 @@ def test_weight_gradient(kernel, dtype, gathers, tiles):
         assert torch.equal(walked, out), options
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("options", [dict(), dict(tma=True), dict(tma=True, persistent=1)])
+@pytest.mark.parametrize("gathers", ["none", "a", "b"])
+def test_weight_gradient_reads_only_its_experts_rows(kernel, gathers, options, device):
+    """Rows that belong to no expert (ids outside [0, E) sort past the last expert's and are
+    never computed, so they hold whatever the buffer held) and the neighbouring experts' rows
+    never reach an expert's gradient, even as NaN and inf: with a TMA descriptor too, which
+    cannot mask its rows (expert-parallel sentinels; a non-finite gradient in one expert).
+    On CUDA in bf16, where the descriptor is the hardware's."""
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    g = torch.Generator().manual_seed(5)
+    ids = torch.tensor([0, 1, 3])[torch.randint(0, 3, (NUM_TOKENS, TOP_K), generator=g)]
+    ids[::3, 1] = NUM_EXPERTS  # no expert
+    r = kernel.route(ids.to(device), NUM_EXPERTS, 16, True)
+    offsets = r.expert_offsets.long().cpu()
+    num_rows, m, n = r.sort_idx.numel(), 24, 40
+    assert offsets[-1] < num_rows  # there are rows past the last expert's
+    a = _rand(NUM_TOKENS if gathers == "a" else num_rows, m, dtype=dtype, g=g)
+    b = _rand(NUM_TOKENS if gathers == "b" else num_rows, n, dtype=dtype, g=g)
+    sorted_token = r.sorted_token.long().cpu()
+    a_rows = a[sorted_token] if gathers == "a" else a
+    b_rows = b[sorted_token] if gathers == "b" else b
+    experts = _row_experts(r)
+    valid = torch.arange(num_rows) < offsets[-1]
+    expected = torch.zeros(NUM_EXPERTS, m, n, dtype=torch.float64)
+    expected.index_add_(0, experts[valid], (a_rows.double()[:, :, None] * b_rows.double()[:, None, :])[valid])
+    # Poison what no expert of 0 and 3 may read: the uncomputed tail, and expert 1's rows.
+    for t, gathered in ((a, gathers == "a"), (b, gathers == "b")):
+        if not gathered:
+            t[offsets[-1]:] = float("nan")
+            t[offsets[1]:offsets[2]] = float("inf")
+    cfg = kernel.tuning.DwConfig(block_m=32, block_n=32, block_k=16, num_warps=4, num_stages=1, **options)
+    out = torch.full((NUM_EXPERTS, m, n), float("nan"), dtype=dtype, device=device)
+    kernel.functional.grouped_dw_launch(
+        a.to(device), b.to(device), out, r, cfg, a_gather=r.sorted_token if gathers == "a" else None,
+        b_gather=r.sorted_token if gathers == "b" else None,
+    )  # fmt: skip
+    out = out.cpu()
+    for e in (0, 3):
+        assert torch.isfinite(out[e]).all(), e
+        assert rel_err(out[e], expected[e]) < (TOL[torch.float32] if device == "cpu" else 1e-2), e
+    assert torch.all(out[2] == 0)
+
+
 @pytest.mark.parametrize("gathers", ["none", "a", "b"])
 def test_weight_gradient_tma_descriptor_choice(kernel, monkeypatch, gathers):
     """With config.tma exactly one operand read in sorted order comes through a descriptor

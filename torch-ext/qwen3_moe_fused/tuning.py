@@ -72,8 +72,8 @@ class DwConfig:
 
     persistent: programs per SM of a persistent grid whose programs walk the (expert, tile)
     pairs; 0: one program per tile (same bits either way).
-    tma: load one operand read in sorted order through a TMA descriptor (CUDA; same bits as
-    without for finite inputs, see backward_dw.py).
+    tma: load one operand read in sorted order through a TMA descriptor in the expert's whole
+    row steps (CUDA; same bits as without, see backward_dw.py).
     """
 
     block_m: int

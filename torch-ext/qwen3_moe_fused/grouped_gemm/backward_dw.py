@@ -3,11 +3,11 @@
 A rows and B rows may be gathered through an index (None: read in sorted order). Experts
 with no rows get an exact zero gradient. DwConfig.persistent launches a grid of fewer
 programs that walk the (expert, tile) pairs in the same order (same bits as without).
-DwConfig.tma loads one operand read in sorted order through a TMA descriptor, unmasked: its
-rows past the expert's last belong to the next experts (zeros past the tensor), and the other
-operand's masked load is zero there, so they add exact zeros (same bits as without, for finite
-inputs; an inf or NaN in a neighbouring expert's rows would reach this expert's gradient).
-An earlier version zeroed those rows after the load, which sent the tile through registers.
+DwConfig.tma loads one operand read in sorted order through a TMA descriptor, which cannot
+mask rows: it takes the expert's whole BLOCK_K steps, and the partial last step, if any, is
+loaded masked as without the option. No row outside the expert is read either way (rows of
+no expert, past the last expert's, are never computed and may hold anything), and the sums
+run in the same order: the same bits as without.
 """
 
 import torch
@@ -16,8 +16,27 @@ import triton.language as tl
 
 from ..routing import Routing
 from ..tuning import INTERPRET, DwConfig
-from .forward import _mapped_rows, _num_sms
+from .forward import _dot, _mapped_rows, _num_sms
 from ..sizes import cdiv
+
+
+@triton.jit
+def _masked_step(acc, r0, row_end, a_ptr, b_ptr, a_gather_ptr, b_gather_ptr, offs_m, offs_n, m_mask, n_mask, stride_ar,
+                 stride_am, stride_br, stride_bn, IEEE: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """acc + the product of rows [r0, r0 + BLOCK_K) of both operands, rows past row_end masked."""
+    rows = r0 + tl.arange(0, BLOCK_K)
+    r_mask = rows < row_end
+    # Both index loads before both tile loads.
+    a_rows = _mapped_rows(a_gather_ptr, rows, r_mask)
+    b_rows = _mapped_rows(b_gather_ptr, rows, r_mask)
+    a = tl.load(
+        a_ptr + a_rows[None, :] * stride_ar + offs_m[:, None] * stride_am,
+        mask=m_mask[:, None] & r_mask[None, :],
+        other=0.0,
+    )  # (BLOCK_M, BLOCK_K): A^T
+    b = tl.load(b_ptr + b_rows[:, None] * stride_br + offs_n[None, :] * stride_bn, mask=r_mask[:, None] & n_mask[None, :],
+                other=0.0)  # fmt: skip
+    return _dot(a, b, acc, IEEE)
 
 
 @triton.jit
@@ -38,34 +57,30 @@ def _dw_tile(
     m_mask = offs_m < M
     n_mask = offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(row_start, row_end, BLOCK_K):
-        rows = r0 + tl.arange(0, BLOCK_K)
-        r_mask = rows < row_end
-        # Both index loads before both tile loads, as without TMA (the same PTX with it off).
-        if a_desc is None:
-            a_rows = _mapped_rows(a_gather_ptr, rows, r_mask)
-        if b_desc is None:
-            b_rows = _mapped_rows(b_gather_ptr, rows, r_mask)
-        if a_desc is not None:  # unmasked: B is zero in the rows past the expert's last
-            a = a_desc.load([r0, pid_m * BLOCK_M]).T
-        else:
-            a = tl.load(
-                a_ptr + a_rows[None, :] * stride_ar + offs_m[:, None] * stride_am,
-                mask=m_mask[:, None] & r_mask[None, :],
-                other=0.0,
-            )  # (BLOCK_M, BLOCK_K): A^T
-        if b_desc is not None:  # unmasked: A is zero in the rows past the expert's last
-            b = b_desc.load([r0, pid_n * BLOCK_N])
-        else:
-            b = tl.load(
-                b_ptr + b_rows[:, None] * stride_br + offs_n[None, :] * stride_bn,
-                mask=r_mask[:, None] & n_mask[None, :],
-                other=0.0,
-            )
-        if IEEE:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
+    if a_desc is None and b_desc is None:
+        for r0 in range(row_start, row_end, BLOCK_K):
+            acc = _masked_step(acc, r0, row_end, a_ptr, b_ptr, a_gather_ptr, b_gather_ptr, offs_m, offs_n, m_mask,
+                               n_mask, stride_ar, stride_am, stride_br, stride_bn, IEEE, BLOCK_K)  # fmt: skip
+    else:
+        # The expert's whole BLOCK_K steps with one operand through its descriptor (every row
+        # of the step is the expert's: nothing to mask), then the partial last step as without.
+        full_end = row_start + (row_end - row_start) // BLOCK_K * BLOCK_K
+        for r0 in range(row_start, full_end, BLOCK_K):
+            rows = r0 + tl.arange(0, BLOCK_K)
+            if a_desc is not None:
+                a = a_desc.load([r0, pid_m * BLOCK_M]).T
+                b_rows = _mapped_rows(b_gather_ptr, rows, rows < full_end)
+                b = tl.load(b_ptr + b_rows[:, None] * stride_br + offs_n[None, :] * stride_bn, mask=n_mask[None, :],
+                            other=0.0)  # fmt: skip
+            else:
+                a_rows = _mapped_rows(a_gather_ptr, rows, rows < full_end)
+                a = tl.load(a_ptr + a_rows[None, :] * stride_ar + offs_m[:, None] * stride_am, mask=m_mask[:, None],
+                            other=0.0)  # fmt: skip
+                b = b_desc.load([r0, pid_n * BLOCK_N])
+            acc = _dot(a, b, acc, IEEE)
+        if full_end < row_end:
+            acc = _masked_step(acc, full_end, row_end, a_ptr, b_ptr, a_gather_ptr, b_gather_ptr, offs_m, offs_n,
+                               m_mask, n_mask, stride_ar, stride_am, stride_br, stride_bn, IEEE, BLOCK_K)  # fmt: skip
 
     c_ptrs = c_ptr + expert.to(tl.int64) * stride_ce + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
@@ -125,7 +140,7 @@ def _rows_descriptor(t: torch.Tensor, block: list[int]):
 
 def _descriptors(a, b, config: DwConfig, a_gather, b_gather):
     """(a_desc, b_desc): with config.tma, a descriptor for one operand read in sorted order
-    (never both: the other's masked load is what zeroes the rows past an expert's last)."""
+    (A where it is, else B; the other is loaded through its pointers)."""
     if not config.tma:
         return None, None
     if a_gather is None:
