@@ -66,7 +66,7 @@ case $step in
     python3 benchmarks/gemm_options.py TMA 0 1 > "$out/dw_tma.log" 2>&1
     python3 $bench --cases 30b-t16384,30b-t2048,235b-t8192 --impls grouped_mm,ours --json "$out/block_confirm.json" \
       > "$out/block_confirm.log" 2>&1
-    timeout 240 python3 scripts/tune.py --family --only dw --from-shipped --log "$out/tune_family_dw.log" \
+    timeout 180 python3 scripts/tune.py --family --only dw --from-shipped --log "$out/tune_family_dw.log" \
       > "$out/tune_family_dw_best.log" 2>&1
     cp $json "$out/"
     key='down_dx_swiglu|N=1536|K=4096|BM=128'
