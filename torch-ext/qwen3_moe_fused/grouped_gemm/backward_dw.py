@@ -21,6 +21,18 @@ from ..sizes import cdiv
 
 
 @triton.jit
+def _a_t_tile(a_ptr, a_rows, offs_m, mask, stride_ar, stride_am):
+    """(BLOCK_M, BLOCK_K): A^T at rows a_rows (int64), masked loads zero."""
+    return tl.load(a_ptr + a_rows[None, :] * stride_ar + offs_m[:, None] * stride_am, mask=mask, other=0.0)
+
+
+@triton.jit
+def _b_tile(b_ptr, b_rows, offs_n, mask, stride_br, stride_bn):
+    """(BLOCK_K, BLOCK_N): B at rows b_rows (int64), masked loads zero."""
+    return tl.load(b_ptr + b_rows[:, None] * stride_br + offs_n[None, :] * stride_bn, mask=mask, other=0.0)
+
+
+@triton.jit
 def _masked_step(acc, r0, row_end, a_ptr, b_ptr, a_gather_ptr, b_gather_ptr, offs_m, offs_n, m_mask, n_mask, stride_ar,
                  stride_am, stride_br, stride_bn, IEEE: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     """acc + the product of rows [r0, r0 + BLOCK_K) of both operands, rows past row_end masked."""
@@ -29,13 +41,8 @@ def _masked_step(acc, r0, row_end, a_ptr, b_ptr, a_gather_ptr, b_gather_ptr, off
     # Both index loads before both tile loads.
     a_rows = _mapped_rows(a_gather_ptr, rows, r_mask)
     b_rows = _mapped_rows(b_gather_ptr, rows, r_mask)
-    a = tl.load(
-        a_ptr + a_rows[None, :] * stride_ar + offs_m[:, None] * stride_am,
-        mask=m_mask[:, None] & r_mask[None, :],
-        other=0.0,
-    )  # (BLOCK_M, BLOCK_K): A^T
-    b = tl.load(b_ptr + b_rows[:, None] * stride_br + offs_n[None, :] * stride_bn, mask=r_mask[:, None] & n_mask[None, :],
-                other=0.0)  # fmt: skip
+    a = _a_t_tile(a_ptr, a_rows, offs_m, m_mask[:, None] & r_mask[None, :], stride_ar, stride_am)
+    b = _b_tile(b_ptr, b_rows, offs_n, r_mask[:, None] & n_mask[None, :], stride_br, stride_bn)
     return _dot(a, b, acc, IEEE)
 
 
@@ -70,12 +77,10 @@ def _dw_tile(
             if a_desc is not None:
                 a = a_desc.load([r0, pid_m * BLOCK_M]).T
                 b_rows = _mapped_rows(b_gather_ptr, rows, rows < full_end)
-                b = tl.load(b_ptr + b_rows[:, None] * stride_br + offs_n[None, :] * stride_bn, mask=n_mask[None, :],
-                            other=0.0)  # fmt: skip
+                b = _b_tile(b_ptr, b_rows, offs_n, n_mask[None, :], stride_br, stride_bn)
             else:
                 a_rows = _mapped_rows(a_gather_ptr, rows, rows < full_end)
-                a = tl.load(a_ptr + a_rows[None, :] * stride_ar + offs_m[:, None] * stride_am, mask=m_mask[:, None],
-                            other=0.0)  # fmt: skip
+                a = _a_t_tile(a_ptr, a_rows, offs_m, m_mask[:, None], stride_ar, stride_am)
                 b = b_desc.load([r0, pid_n * BLOCK_N])
             acc = _dot(a, b, acc, IEEE)
         if full_end < row_end:
