@@ -10,21 +10,27 @@
 #   bash scripts/gpu_issue11.sh sonic     after `source .anchor/setup.sh` (the anchor site):
 #                                         SonicMoE with grouped_mm and ours in one process, 30B
 #                                         16384 and 235B 8192 (its first call per shape autotunes)
+#   bash scripts/gpu_issue11.sh sonic-small   the same, then (call after call, the machine still
+#                                         warm) 30B at 2048 and 64 tokens, LoRA (PEFT + each peer)
+#                                         at 16384 and 2048, QLoRA (ours) at 16384
 #   bash scripts/gpu_issue11.sh confirm   the leads of 2026-12-02 (benchmarks/RESULTS.md): the
 #                                         dW GEMMs with / without TMA since its fix, the blocks; the
 #                                         family's dW keys retuned over the shipped tiles (TMA
 #                                         ones included), then 235B ours with and without the
 #                                         down_dx_swiglu key that tune found (3 runs each); the
 #                                         JSON with the family's keys comes back in $OUT
+#   bash scripts/gpu_issue11.sh dswiglu   the dSwiGLU epilogue in quarters: old build (build-old/
+#                                         torch-cuda, from the commit before) against new, the
+#                                         down_dx_swiglu keys retuned, the blocks (JSON in $OUT)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-issue11}
 mkdir -p "$out"
-step=${1:?tests, ours, sonic or confirm}
-if [ "$step" != sonic ] && compgen -G ".whl/*.whl" >/dev/null; then
+step=${1:?tests, ours, sonic, sonic-small, confirm or dswiglu}
+if [ "${step%-small}" != sonic ] && compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 fi
-if [ "$step" != sonic ] && [ -d /tmp/site ]; then export PYTHONPATH=/tmp/site:${PYTHONPATH:-}; fi
+if [ "${step%-small}" != sonic ] && [ -d /tmp/site ]; then export PYTHONPATH=/tmp/site:${PYTHONPATH:-}; fi
 python3 scripts/build.py >/dev/null && python3 scripts/publish_local.py >/dev/null || exit 1
 export HF_HUB_OFFLINE=1 HF_HUB_CACHE=$PWD/build/hub-cache PYTHONUNBUFFERED=1
 bench=benchmarks/block_side_by_side.py
@@ -60,6 +66,11 @@ case $step in
       --json "$out/block_sonic.json" > "$out/block_sonic.log" 2>&1
     grep -E "^\| " "$out/block_sonic.log"
     ;;
+  sonic-small)
+    python3 $bench --cases 30b-t2048,30b-t64 --impls grouped_mm,ours,sonicmoe --modes full,lora,qlora \
+      --lora-cases 30b-t16384,30b-t2048 --json "$out/block_sonic_small.json" > "$out/block_sonic_small.log" 2>&1
+    grep -E "^\| " "$out/block_sonic_small.log"
+    ;;
   confirm)
     json=torch-ext/qwen3_moe_fused/configs/NVIDIA_H200.json
     # The dW GEMMs with and without TMA (the loop that reads only the expert's rows), then the blocks.
@@ -88,5 +99,14 @@ PY
     cat "$out/dw_tma.log"; grep -E "^\| " "$out/block_confirm.log"
     grep -E "ms " "$out/tune_family_dw_best.log"
     cat "$out/confirm_235b_dswiglu.log"
+    ;;
+  dswiglu)
+    python3 scripts/compare_dswiglu.py build-old/torch-cuda build/torch-cuda > "$out/compare_dswiglu.log" 2>&1
+    timeout 240 python3 scripts/tune.py --only dswiglu --log "$out/tune_dswiglu.log" > "$out/tune_dswiglu_best.log" 2>&1
+    cp torch-ext/qwen3_moe_fused/configs/NVIDIA_H200.json "$out/"
+    python3 scripts/build.py >/dev/null && python3 scripts/publish_local.py >/dev/null || exit 1
+    python3 $bench --cases 30b-t16384,235b-t8192,30b-t2048 --impls grouped_mm,ours --json "$out/block_dswiglu.json" \
+      > "$out/block_dswiglu.log" 2>&1
+    cat "$out/compare_dswiglu.log"; grep -E "ms " "$out/tune_dswiglu_best.log"; grep -E "^\| " "$out/block_dswiglu.log"
     ;;
 esac

@@ -221,8 +221,10 @@ def test_backward_options_match(kernel, monkeypatch, case):
     monkeypatch.setattr(kernel.tuning, "FUSE_DSWIGLU", True)
     fused = run()
     assert torch.equal(fused[0], plain[0])  # the forward is untouched
+    # The routing-weight gradient sums I products in another order (the fused epilogue a
+    # quarter of its column tile at a time): float32 rounding of terms larger than their sum.
     for i, (a, b) in enumerate(zip(fused[1:], plain[1:])):
-        assert rel_err(a, b) < (1e-6 if dtype == torch.float32 else 1e-3), i
+        assert rel_err(a, b) < (1e-5 if dtype == torch.float32 else 1e-3), i
     monkeypatch.setattr(kernel.tuning, "FUSE_DSWIGLU", False)
     lookup = kernel.tuning.dw_config
     monkeypatch.setattr(kernel.functional, "dw_config", lambda *a, **kw: replace(lookup(*a, **kw), persistent=1))
