@@ -302,6 +302,10 @@ DSWIGLU_CASES = {
     "persistent+lora": dict(persistent=2, lora=True),
     "sentinel ids": dict(sentinel=True),
     "tiles 64 (one column tile), block_m 32": dict(block_n=64, block_k=64, block_m=32),
+    # From 128 columns the epilogue runs a quarter of the tile at a time: quarters past N.
+    "tiles 128 (epilogue in quarters)": dict(block_n=128, block_k=32),
+    "tiles 128, 3 column tiles, the last partial+lora": dict(block_n=128, block_k=32, inter=300, lora=True),
+    "nf4 tiles 128": dict(nf4=True, block_n=128, block_k=32),
 }
 
 

@@ -529,27 +529,32 @@ def _dswiglu_tile(
             BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
         )  # fmt: skip
 
-        # The SwiGLU backward of activation.py on this tile, a quarter of its columns at a time:
-        # the whole tile at once holds ~5 float32 values per accumulator element and spills
-        # (255 registers at 128x128, 8 warps, against 128 in quarters: ptxas, triton 3.6).
-        # g is rounded to the activations' dtype, as the unfused path stores it.
+        # The SwiGLU backward of activation.py on this tile; g is rounded to the activations'
+        # dtype, as the unfused path stores it. From 128 columns on, a quarter of them at a time:
+        # the whole tile at once holds ~5 float32 values per accumulator element and spills (255
+        # registers at 128x128, 8 warps, against 128 in quarters). Narrower tiles in quarters
+        # make ptxas serialize the wgmma of the main loop (C7514; ptxas of triton 3.6).
         g = acc.to(dh_ptr.dtype.element_ty).to(tl.float32)
-        g_lo, g_hi = _column_halves(g, BLOCK_M, BLOCK_N)
-        g0, g1 = _column_halves(g_lo, BLOCK_M, BLOCK_N // 2)
-        g2, g3 = _column_halves(g_hi, BLOCK_M, BLOCK_N // 2)
         flat = tl.load(sort_idx_ptr + rows, mask=row_mask, other=0)
         w = tl.load(weights_ptr + flat, mask=row_mask, other=0.0).to(tl.float32)
         rows64 = rows.to(tl.int64)
-        Q: tl.constexpr = BLOCK_N // 4
         n0 = pid_n * BLOCK_N
-        dw_sum = _dswiglu_cols(g0, w, rows64, row_mask, n0, N, h_ptr, dh_ptr, w_act_ptr, stride_hm, stride_dm,
-                               stride_wm, Q)  # fmt: skip
-        dw_sum += _dswiglu_cols(g1, w, rows64, row_mask, n0 + Q, N, h_ptr, dh_ptr, w_act_ptr, stride_hm, stride_dm,
-                                stride_wm, Q)  # fmt: skip
-        dw_sum += _dswiglu_cols(g2, w, rows64, row_mask, n0 + 2 * Q, N, h_ptr, dh_ptr, w_act_ptr, stride_hm,
-                                stride_dm, stride_wm, Q)  # fmt: skip
-        dw_sum += _dswiglu_cols(g3, w, rows64, row_mask, n0 + 3 * Q, N, h_ptr, dh_ptr, w_act_ptr, stride_hm,
-                                stride_dm, stride_wm, Q)  # fmt: skip
+        if BLOCK_N >= 128:
+            g_lo, g_hi = _column_halves(g, BLOCK_M, BLOCK_N)
+            g0, g1 = _column_halves(g_lo, BLOCK_M, BLOCK_N // 2)
+            g2, g3 = _column_halves(g_hi, BLOCK_M, BLOCK_N // 2)
+            Q: tl.constexpr = BLOCK_N // 4
+            dw_sum = _dswiglu_cols(g0, w, rows64, row_mask, n0, N, h_ptr, dh_ptr, w_act_ptr, stride_hm, stride_dm,
+                                   stride_wm, Q)  # fmt: skip
+            dw_sum += _dswiglu_cols(g1, w, rows64, row_mask, n0 + Q, N, h_ptr, dh_ptr, w_act_ptr, stride_hm,
+                                    stride_dm, stride_wm, Q)  # fmt: skip
+            dw_sum += _dswiglu_cols(g2, w, rows64, row_mask, n0 + 2 * Q, N, h_ptr, dh_ptr, w_act_ptr, stride_hm,
+                                    stride_dm, stride_wm, Q)  # fmt: skip
+            dw_sum += _dswiglu_cols(g3, w, rows64, row_mask, n0 + 3 * Q, N, h_ptr, dh_ptr, w_act_ptr, stride_hm,
+                                    stride_dm, stride_wm, Q)  # fmt: skip
+        else:
+            dw_sum = _dswiglu_cols(g, w, rows64, row_mask, n0, N, h_ptr, dh_ptr, w_act_ptr, stride_hm, stride_dm,
+                                   stride_wm, BLOCK_N)  # fmt: skip
         # This tile's part of the routing-weight gradient, in its column of the partial sums.
         num_tiles_n = tl.cdiv(N, BLOCK_N)
         tl.store(dw_partial_ptr + flat.to(tl.int64) * num_tiles_n + pid_n, dw_sum, mask=row_mask)
