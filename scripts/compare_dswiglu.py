@@ -36,10 +36,9 @@ def main():
         rows = ids.numel()
         block_m = new.tuning.block_m_for(rows, NUM_EXPERTS)
         h = torch.randn(rows, 2 * inter, device=dev, dtype=dt)
-        outs = {}
+        outs, routes = {}, {tag: pkg.route(ids, NUM_EXPERTS, block_m, True) for tag, pkg in (("old", old), ("new", new))}
 
-        def launch(pkg, cfg):
-            r = pkg.route(ids, NUM_EXPERTS, block_m, True)
+        def launch(pkg, r, cfg):
             dh, w_act = torch.empty(rows, 2 * inter, device=dev, dtype=dt), torch.empty(rows, inter, device=dev, dtype=dt)
             dweights = torch.empty(rows, device=dev, dtype=dt)
             run = lambda: pkg.functional.dswiglu_gemm_launch(grad_out, down, h, weights, r, cfg, dh=dh, w_act=w_act,  # noqa: E731
@@ -57,7 +56,7 @@ def main():
             times = {}
             for tag, pkg in (("old", old), ("new", new)):
                 cfg_pkg = pkg.tuning.GemmConfig(**dataclasses.asdict(cfg))
-                run, out = launch(pkg, cfg_pkg)
+                run, out = launch(pkg, routes[tag], cfg_pkg)
                 times[tag] = triton.testing.do_bench(run, warmup=25, rep=200)
                 outs[tag] = out
             same = all(torch.equal(a, b) for a, b in zip(outs["old"][:2], outs["new"][:2]))

@@ -7,29 +7,16 @@ Put the GPU image's triton first on PYTHONPATH (its wheel unpacked) to check tha
 """
 
 import os
-import subprocess
 import sys
-import tempfile
 
 import torch
 import triton
 from triton.runtime import driver
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ptx_compare import Build, _Sm90Driver  # noqa: E402
+from ptx_compare import Build, _Sm90Driver, ptxas_info  # noqa: E402
 
 TILES = [(128, 64, 8, 4), (128, 64, 8, 3), (128, 32, 8, 4), (256, 64, 8, 3), (64, 64, 4, 4)]  # BLOCK_N, K, warps, stages
-
-
-def ptxas_info(kernel) -> str:
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
-        f.write(kernel.asm["ptx"])
-        f.flush()
-        run = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull], capture_output=True,
-                             text=True)  # fmt: skip
-    lines = [line.split(":", 1)[-1].strip() for line in run.stderr.splitlines() if "spill" in line or "registers" in line]
-    return " | ".join(lines) or run.stderr.strip()[:200]
 
 
 def main():

@@ -13,7 +13,9 @@ instructions whose counts differ; "same" when none do, with the same shared memo
 
 import collections
 import os
+import subprocess
 import sys
+import tempfile
 
 import torch
 import triton
@@ -104,6 +106,19 @@ class Build:
         numel = shape[0] * shape[1] * shape[2]
         codes, absmax = torch.zeros(numel // 2, dtype=torch.uint8), torch.zeros(numel // 64)
         return self.pkg.quant.Nf4Weight(codes, absmax, shape, dtype, 64)
+
+
+def ptxas_info(kernel) -> str:
+    """Registers and spills of a compiled kernel: its PTX through the installed triton's ptxas -v
+    for sm_90a (the whole stderr, cut, when ptxas says neither)."""
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(kernel.asm["ptx"])
+        f.flush()
+        run = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull], capture_output=True,
+                             text=True)  # fmt: skip
+    lines = [line.split(":", 1)[-1].strip() for line in run.stderr.splitlines() if "spill" in line or "registers" in line]
+    return " | ".join(lines) or run.stderr.strip()[:200]
 
 
 def histogram(ptx: str) -> collections.Counter:

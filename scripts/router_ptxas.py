@@ -8,9 +8,7 @@ ptxas must accept the PTX version that triton writes.
 """
 
 import os
-import subprocess
 import sys
-import tempfile
 
 import torch
 import triton
@@ -18,7 +16,7 @@ from triton.runtime import driver
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bit_compare import load  # noqa: E402
-from ptx_compare import _Sm90Driver  # noqa: E402
+from ptx_compare import _Sm90Driver, ptxas_info  # noqa: E402
 
 SHAPES = [(60, 4), (128, 8), (160, 8), (512, 10), (2048, 8), (4096, 8)]  # (E, K)
 
@@ -34,21 +32,13 @@ def main():
             compiled.append(_run(*args, grid=grid, warmup=True, **kwargs))
 
         kernel.run = compile_only
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     print("triton", triton.__version__)
     for num_experts, top_k in SHAPES:
         logits = torch.zeros(100, num_experts, dtype=torch.bfloat16)
         scores, indices = router.router_topk_launch(logits, top_k, True)
         router.router_topk_backward_launch(logits, indices, scores, True)
         for kernel in compiled[-2:]:
-            with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
-                f.write(kernel.asm["ptx"])
-                f.flush()
-                run = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull],
-                                     capture_output=True, text=True)  # fmt: skip
-            info = [line.split(":", 1)[-1].strip() for line in run.stderr.splitlines() if "spill" in line or "registers" in line]
-            print(f"E {num_experts:5d} K {top_k:3d} {kernel.name:30s} " + (" | ".join(info) or run.stderr.strip()[:200]))
-
+            print(f"E {num_experts:5d} K {top_k:3d} {kernel.name:30s} {ptxas_info(kernel)}")
 
 if __name__ == "__main__":
     main()
