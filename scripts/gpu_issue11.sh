@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The measurements issue 11 (beat SonicMoE on the H200) still needs, in device calls of at most
 # 10 minutes each, logs under $OUT (default ./gpu-issue11). Run from the repo root.
-#   bash scripts/gpu_issue11.sh tests     the pinned wheels in .whl (carry .whl): the GPU tests,
-#                                         the dW configs retuned with the TMA candidates (30B,
-#                                         written to $OUT too), the host-time profiles at 64 tokens
+#   bash scripts/gpu_issue11.sh tests     the pinned wheels in .whl (carry .whl): the GPU tests
+#   bash scripts/gpu_issue11.sh profiles  the host-time profiles at 64 tokens, the dW configs
+#                                         retuned with the TMA candidates (30B, written to $OUT too)
+#   bash scripts/gpu_issue11.sh dw-sorted the dW GEMMs on operands copied into sorted order
+#                                         (scripts/dw_sorted.py; best tiles as JSON in $OUT)
 #   bash scripts/gpu_issue11.sh ours      ours / ours-router / grouped_mm side by side at 64,
 #                                         2048 and 16384 tokens (30B), 235B at 8192, full, LoRA
 #                                         and QLoRA (~6 min; the wheels of `tests` if still there)
@@ -26,7 +28,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-issue11}
 mkdir -p "$out"
-step=${1:?tests, ours, sonic, sonic-small, confirm or dswiglu}
+step=${1:?tests, profiles, dw-sorted, ours, sonic, sonic-small, confirm or dswiglu}
 if [ "${step%-small}" != sonic ] && compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 fi
@@ -42,14 +44,20 @@ case $step in
       tests/test_model_parity.py > "$out/test_gpu_rest.log" 2>&1
     wait
     python3 -m pytest -q -m gpu tests/test_family.py > "$out/test_family.log" 2>&1
+    grep -hE "passed|failed|^router T=" "$out"/test_*.log
+    ;;
+  profiles)
     python3 scripts/profile_layer.py --tokens 64 --backward > "$out/profile_layer_t64.log" 2>&1
     python3 scripts/bench_launch.py > "$out/bench_launch_t64.log" 2>&1
     # last, bounded: each key is written as soon as it is tuned, so a cut-off run still counts
     timeout "${TUNE_S:-200}" python3 scripts/tune.py --quick --only dw > "$out/tune_dw.log" 2>&1
     cp torch-ext/qwen3_moe_fused/configs/NVIDIA_H200.json "$out/"
-    grep -hE "passed|failed|^router T=" "$out"/test_*.log
     grep -E "host .* us/call" "$out/profile_layer_t64.log"
     grep -E " ms " "$out/tune_dw.log"
+    ;;
+  dw-sorted)
+    python3 scripts/dw_sorted.py --json "$out/dw_sorted_best.json" > "$out/dw_sorted.log" 2>&1
+    tail -8 "$out/dw_sorted.log"
     ;;
   ours)
     python3 $bench --cases 30b-t64,30b-t2048,30b-t16384,235b-t8192 --impls grouped_mm,ours,ours-router \

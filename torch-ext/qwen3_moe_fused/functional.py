@@ -184,6 +184,12 @@ def _(x, gate_up, down, top_k_index, top_k_weights, gate_up_a, gate_up_b, down_a
     return torch.empty_like(x), h, x_l, *index
 
 
+def _sorted_rows(t: Tensor, r: Routing) -> Tensor:
+    """(T, H) token rows -> (T*K, H) in sorted order: a dW GEMM then reads both operands in
+    order, through TMA descriptors, instead of gathering one row index per step."""
+    return t.index_select(0, r.sorted_token)
+
+
 class _DownGrads(NamedTuple):
     """Gradients through the down projection (unneeded ones are empty tensors)."""
 
@@ -237,7 +243,10 @@ def _down_projection_bwd(grad_out, h, down, down_a, down_b, top_k_weights, r: Ro
     if need_ddown:
         ddown = torch.empty(down.shape, dtype=down.dtype, device=down.device)
         cfg = dw_config("down_dw", hidden, inter, block_m, grad_out.device)
-        grouped_dw_launch(grad_out, w_act, ddown, r, cfg, a_gather=r.sorted_token)
+        if tuning.SORT_BEFORE_DW:
+            grouped_dw_launch(_sorted_rows(grad_out, r), w_act, ddown, r, cfg)
+        else:
+            grouped_dw_launch(grad_out, w_act, ddown, r, cfg, a_gather=r.sorted_token)
     return _DownGrads(dh, dweights, ddown, ddown_a, ddown_b)
 
 
@@ -266,7 +275,10 @@ def _gate_up_projection_bwd(dh, x, x_l, gate_up, gate_up_a, gate_up_b, top_k_ind
     if need_dgate_up:
         dgate_up = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=gate_up.device)
         cfg = dw_config("gate_up_dw", dh.shape[1], hidden, block_m, x.device)
-        grouped_dw_launch(dh, x, dgate_up, r, cfg, b_gather=r.sorted_token)
+        if tuning.SORT_BEFORE_DW:
+            grouped_dw_launch(dh, _sorted_rows(x, r), dgate_up, r, cfg)
+        else:
+            grouped_dw_launch(dh, x, dgate_up, r, cfg, b_gather=r.sorted_token)
     return _GateUpGrads(dx, dgate_up, dgate_up_a, dgate_up_b)
 
 

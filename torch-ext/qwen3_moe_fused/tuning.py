@@ -34,6 +34,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # faster in one run (run 2) and slower in another (run 6), both within those sizes' run-to-run
 # noise. Read at each call.
 FUSE_DSWIGLU = False
+# The weight-gradient GEMMs read the token rows (x, dOut) copied into sorted order instead of
+# gathering them row by row. Read at each call.
+SORT_BEFORE_DW = False
 # The layers run Transformers' router classes (block.gate) with their softmax / top-k /
 # normalization in router.py's kernels (gate.py); False: the gate's own forward. Read at each call.
 FUSED_ROUTER = True
@@ -72,7 +75,7 @@ class DwConfig:
 
     persistent: programs per SM of a persistent grid whose programs walk the (expert, tile)
     pairs; 0: one program per tile (same bits either way).
-    tma: load one operand read in sorted order through a TMA descriptor in the expert's whole
+    tma: load the operands read in sorted order through TMA descriptors in the expert's whole
     row steps (CUDA; same bits as without, see backward_dw.py).
     """
 

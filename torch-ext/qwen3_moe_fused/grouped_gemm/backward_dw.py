@@ -3,7 +3,7 @@
 A rows and B rows may be gathered through an index (None: read in sorted order). Experts
 with no rows get an exact zero gradient. DwConfig.persistent launches a grid of fewer
 programs that walk the (expert, tile) pairs in the same order (same bits as without).
-DwConfig.tma loads one operand read in sorted order through a TMA descriptor, which cannot
+DwConfig.tma loads the operands read in sorted order through TMA descriptors, which cannot
 mask rows: it takes the expert's whole BLOCK_K steps, and the partial last step, if any, is
 loaded masked as without the option. No row outside the expert is read either way (rows of
 no expert, past the last expert's, are never computed and may hold anything), and the sums
@@ -69,19 +69,22 @@ def _dw_tile(
             acc = _masked_step(acc, r0, row_end, a_ptr, b_ptr, a_gather_ptr, b_gather_ptr, offs_m, offs_n, m_mask,
                                n_mask, stride_ar, stride_am, stride_br, stride_bn, IEEE, BLOCK_K)  # fmt: skip
     else:
-        # The expert's whole BLOCK_K steps with one operand through its descriptor (every row
-        # of the step is the expert's: nothing to mask), then the partial last step as without.
+        # The expert's whole BLOCK_K steps with the operands read in sorted order through their
+        # descriptors (every row of the step is the expert's: nothing to mask), then the partial
+        # last step as without.
         full_end = row_start + (row_end - row_start) // BLOCK_K * BLOCK_K
         for r0 in range(row_start, full_end, BLOCK_K):
             rows = r0 + tl.arange(0, BLOCK_K)
             if a_desc is not None:
                 a = a_desc.load([r0, pid_m * BLOCK_M]).T
-                b_rows = _mapped_rows(b_gather_ptr, rows, rows < full_end)
-                b = _b_tile(b_ptr, b_rows, offs_n, n_mask[None, :], stride_br, stride_bn)
             else:
                 a_rows = _mapped_rows(a_gather_ptr, rows, rows < full_end)
                 a = _a_t_tile(a_ptr, a_rows, offs_m, m_mask[:, None], stride_ar, stride_am)
+            if b_desc is not None:
                 b = b_desc.load([r0, pid_n * BLOCK_N])
+            else:
+                b_rows = _mapped_rows(b_gather_ptr, rows, rows < full_end)
+                b = _b_tile(b_ptr, b_rows, offs_n, n_mask[None, :], stride_br, stride_bn)
             acc = _dot(a, b, acc, IEEE)
         if full_end < row_end:
             acc = _masked_step(acc, full_end, row_end, a_ptr, b_ptr, a_gather_ptr, b_gather_ptr, offs_m, offs_n,
@@ -144,17 +147,13 @@ def _rows_descriptor(t: torch.Tensor, block: list[int]):
 
 
 def _descriptors(a, b, config: DwConfig, a_gather, b_gather):
-    """(a_desc, b_desc): with config.tma, a descriptor for one operand read in sorted order
-    (A where it is, else B; the other is loaded through its pointers)."""
+    """(a_desc, b_desc): with config.tma, a descriptor for each operand read in sorted order
+    (None for a gathered one: it is loaded through its pointers)."""
     if not config.tma:
         return None, None
-    if a_gather is None:
-        a_desc = _rows_descriptor(a, [config.block_k, config.block_m])
-        if a_desc is not None:
-            return a_desc, None
-    if b_gather is None:
-        return None, _rows_descriptor(b, [config.block_k, config.block_n])
-    return None, None
+    a_desc = _rows_descriptor(a, [config.block_k, config.block_m]) if a_gather is None else None
+    b_desc = _rows_descriptor(b, [config.block_k, config.block_n]) if b_gather is None else None
+    return a_desc, b_desc
 
 
 def grouped_dw_launch(
