@@ -189,8 +189,9 @@ BACKWARD_OPTION_CASES = {
 def test_backward_options_match(kernel, monkeypatch, case):
     """The backward's options against the default path, every gradient: the SwiGLU backward
     fused into the down_dx GEMM (tuning.FUSE_DSWIGLU; the routing-weight gradient is summed
-    in another order: within float32 rounding), and the dW GEMMs on a persistent grid (the same
-    bits)."""
+    in another order: within float32 rounding), the dW GEMMs on a persistent grid, and on the
+    token rows copied into sorted order (tuning.SORT_BEFORE_DW; with and without TMA
+    descriptors for both operands): the same bits."""
     shape, dtype, rank, four_bit = BACKWARD_OPTION_CASES[case]
     x, gate_up, down, ids, weights = _inputs(*shape, dtype=dtype)
     ids[::4, -1] = shape[3]  # a few sentinel ids: no expert, zero contribution and gradient
@@ -217,6 +218,7 @@ def test_backward_options_match(kernel, monkeypatch, case):
         return [out, *torch.autograd.grad(out, leaves, grad_out)]
 
     monkeypatch.setattr(kernel.tuning, "FUSE_DSWIGLU", False)
+    monkeypatch.setattr(kernel.tuning, "SORT_BEFORE_DW", False)
     plain = run()
     monkeypatch.setattr(kernel.tuning, "FUSE_DSWIGLU", True)
     fused = run()
@@ -227,7 +229,9 @@ def test_backward_options_match(kernel, monkeypatch, case):
         assert rel_err(a, b) < (1e-5 if dtype == torch.float32 else 1e-3), i
     monkeypatch.setattr(kernel.tuning, "FUSE_DSWIGLU", False)
     lookup = kernel.tuning.dw_config
-    monkeypatch.setattr(kernel.functional, "dw_config", lambda *a, **kw: replace(lookup(*a, **kw), persistent=1))
-    for a, b in zip(run(), plain):
-        assert torch.equal(a, b)
+    for options, sort_first in ((dict(persistent=1), False), (dict(), True), (dict(tma=True), True)):
+        monkeypatch.setattr(kernel.tuning, "SORT_BEFORE_DW", sort_first)
+        monkeypatch.setattr(kernel.functional, "dw_config", lambda *a, o=options, **kw: replace(lookup(*a, **kw), **o))
+        for i, (a, b) in enumerate(zip(run(), plain)):
+            assert torch.equal(a, b), (options, sort_first, i)
 

@@ -35,8 +35,11 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # noise. Read at each call.
 FUSE_DSWIGLU = False
 # The weight-gradient GEMMs read the token rows (x, dOut) copied into sorted order instead of
-# gathering them row by row. Read at each call.
-SORT_BEFORE_DW = False
+# gathering them one row index per step: both operands then come through TMA descriptors. On the
+# H200 (scripts/dw_sorted.py, benchmarks/RESULTS.md) the copy takes 0.27 ms and the dW GEMMs
+# gain more: the experts' forward+backward 8.15 -> 7.83 ms (30B-A3B, 16384 tokens) and
+# 16.2 -> 15.3 ms (235B-A22B, 8192), the same bits. Read at each call.
+SORT_BEFORE_DW = True
 # The layers run Transformers' router classes (block.gate) with their softmax / top-k /
 # normalization in router.py's kernels (gate.py); False: the gate's own forward. Read at each call.
 FUSED_ROUTER = True
