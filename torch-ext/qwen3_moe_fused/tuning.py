@@ -38,7 +38,8 @@ FUSE_DSWIGLU = False
 # gathering them one row index per step: both operands then come through TMA descriptors. On the
 # H200 (scripts/dw_sorted.py, benchmarks/RESULTS.md) the copy takes 0.27 ms and the dW GEMMs
 # gain more: the experts' forward+backward 8.15 -> 7.83 ms (30B-A3B, 16384 tokens) and
-# 16.2 -> 15.3 ms (235B-A22B, 8192), the same bits. Read at each call.
+# 16.2 -> 15.3 ms (235B-A22B, 8192), the same bits. The copy is transient, one (T*K, H) buffer
+# at a time (+512 MiB of peak memory in that 30B block's backward). Read at each call.
 SORT_BEFORE_DW = True
 # The layers run Transformers' router classes (block.gate) with their softmax / top-k /
 # normalization in router.py's kernels (gate.py); False: the gate's own forward. Read at each call.

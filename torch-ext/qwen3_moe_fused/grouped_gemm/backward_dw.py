@@ -98,8 +98,8 @@ def _dw_tile(
 def _grouped_dw_kernel(
     a_ptr,  # (rows of A, M)
     b_ptr,  # (rows of B, N)
-    a_desc,  # TMA descriptor of A in (BLOCK_K, BLOCK_M) blocks, or None (then b_desc may be given)
-    b_desc,  # TMA descriptor of B in (BLOCK_K, BLOCK_N) blocks, or None
+    a_desc,  # TMA descriptor of A in (BLOCK_K, BLOCK_M) blocks, or None (A gathered, or no TMA)
+    b_desc,  # TMA descriptor of B in (BLOCK_K, BLOCK_N) blocks, or None (B gathered, or no TMA)
     c_ptr,  # (E, M, N)
     a_gather_ptr,  # (sorted rows,) row of A for each sorted row, or None
     b_gather_ptr,  # (sorted rows,) row of B for each sorted row, or None
