@@ -2,10 +2,11 @@
 copied into sorted order first (tuning.SORT_BEFORE_DW), so that both operands come through TMA
 descriptors: each GEMM alone over a list of tiles, sorted against gathered (the shipped config),
 the copy's own time, then the experts' forward+backward with the option off and on (the best
-sorted tiles found here), twice each. Median ms of triton.testing.do_bench.
+sorted tiles found here), twice each; the copy by index_select and by expand.py. Median ms of
+triton.testing.do_bench.
 
 Run on a CUDA machine after `python3 scripts/build.py` (it imports build/torch-cuda):
-    python3 scripts/dw_sorted.py [--json best.json]
+    python3 scripts/dw_sorted.py [--json best.json] [--quick]
 """
 
 import argparse
@@ -20,6 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "build", "torch-cuda"))
 import qwen3_moe_fused as qmf  # noqa: E402
 from qwen3_moe_fused import functional, tuning  # noqa: E402
+from qwen3_moe_fused.expand import expand_launch, sorted_positions  # noqa: E402
 from qwen3_moe_fused.grouped_gemm import grouped_dw_launch  # noqa: E402
 from qwen3_moe_fused.tuning import DwConfig  # noqa: E402
 
@@ -39,6 +41,7 @@ def bench(fn):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", help="write the best sorted configs here ({dw key: config JSON})")
+    parser.add_argument("--quick", action="store_true", help="no tile sweep: the shipped configs on sorted rows")
     args = parser.parse_args()
     dev, dt = torch.device("cuda"), torch.bfloat16
     best_configs, summary = {}, []
@@ -56,7 +59,13 @@ def main():
         grad_out = torch.randn_like(x)
         sorted_rows = torch.empty(num_rows, hidden, device=dev, dtype=dt)
         copy_ms = bench(lambda: torch.index_select(x, 0, r.sorted_token, out=sorted_rows))
-        print(f"H={hidden} T={num_tokens}: index_select (T*K, H) {copy_ms:.4f} ms", flush=True)
+        sorted_pos = sorted_positions(r)
+        invert_ms = bench(lambda: sorted_positions(r))
+        expand_ms = bench(lambda: expand_launch(x, sorted_pos))
+        assert torch.equal(expand_launch(x, sorted_pos), x.index_select(0, r.sorted_token))
+        print(f"H={hidden} T={num_tokens}: copy (T*K, H): index_select {copy_ms:.4f} ms, expand.py "
+              f"{expand_ms:.4f} ms (+ sorted_positions {invert_ms:.4f}, once a backward)", flush=True)  # fmt: skip
+        copy_ms = expand_ms
         gemms = {  # kind: (M, N, gathered launch, sorted launch)
             "gate_up_dw": (2 * inter, hidden,
                            lambda c, out: grouped_dw_launch(dh, x, out, r, c, b_gather=r.sorted_token),
@@ -73,8 +82,8 @@ def main():
             shipped_ms = bench(lambda: gathered(shipped, out))
             flops = 2 * num_rows * m * n
             print(f"  {kind} gathered, shipped {shipped}: {shipped_ms:.4f} ms {flops / shipped_ms / 1e9:.0f} TFLOP/s")
-            results = []
-            for bm, bn, bk, warps, stages in TILES:
+            results = [] if not args.quick else [(bench(lambda: in_order(shipped, out)), shipped)]
+            for bm, bn, bk, warps, stages in TILES if not args.quick else ():
                 for tma in (False, True):
                     cfg = DwConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages, tma=tma)
                     try:

@@ -56,7 +56,7 @@ case $step in
     grep -E " ms " "$out/tune_dw.log"
     ;;
   dw-sorted)
-    python3 scripts/dw_sorted.py --json "$out/dw_sorted_best.json" > "$out/dw_sorted.log" 2>&1
+    python3 scripts/dw_sorted.py --json "$out/dw_sorted_best.json" ${QUICK:+--quick} > "$out/dw_sorted.log" 2>&1
     tail -8 "$out/dw_sorted.log"
     ;;
   ours)

@@ -22,6 +22,7 @@ from .checks import (
     check_expert_ids, check_experts_inputs, check_grouped_gemm_inputs, check_lora, check_router_inputs, weight_like,
 )  # fmt: skip
 from .combine import combine_launch
+from .expand import expand_launch, sorted_positions
 from .grouped_gemm import dswiglu_gemm_launch, grouped_dw_launch, grouped_gemm_launch, swiglu_gemm_launch
 from .quant import Nf4Weight, dequantize_nf4, nf4_views, nf4_weight
 from .parallel import is_dtensor
@@ -184,12 +185,6 @@ def _(x, gate_up, down, top_k_index, top_k_weights, gate_up_a, gate_up_b, down_a
     return torch.empty_like(x), h, x_l, *index
 
 
-def _sorted_rows(t: Tensor, r: Routing) -> Tensor:
-    """(T, H) token rows -> (T*K, H) in sorted order: a dW GEMM then reads both operands in
-    order, through TMA descriptors, instead of gathering one row index per step."""
-    return t.index_select(0, r.sorted_token)
-
-
 class _DownGrads(NamedTuple):
     """Gradients through the down projection (unneeded ones are empty tensors)."""
 
@@ -209,8 +204,10 @@ class _GateUpGrads(NamedTuple):
     dgate_up_b: Tensor  # (E, 2I, R)
 
 
-def _down_projection_bwd(grad_out, h, down, down_a, down_b, top_k_weights, r: Routing, need_ddown, need_lora):
-    """grad_out (T, H) -> _DownGrads. h (T*K, 2I): the saved pre-activation."""
+def _down_projection_bwd(grad_out, h, down, down_a, down_b, top_k_weights, r: Routing, need_ddown, need_lora,
+                         sorted_pos):  # fmt: skip
+    """grad_out (T, H) -> _DownGrads. h (T*K, 2I): the saved pre-activation. sorted_pos: see
+    _experts_bwd."""
     block_m = r.block_m
     num_rows, (hidden, inter) = top_k_weights.numel(), down.shape[1:]
     # Outputs of a custom op may not alias each other: one empty tensor each.
@@ -243,16 +240,17 @@ def _down_projection_bwd(grad_out, h, down, down_a, down_b, top_k_weights, r: Ro
     if need_ddown:
         ddown = torch.empty(down.shape, dtype=down.dtype, device=down.device)
         cfg = dw_config("down_dw", hidden, inter, block_m, grad_out.device)
-        if tuning.SORT_BEFORE_DW:
-            grouped_dw_launch(_sorted_rows(grad_out, r), w_act, ddown, r, cfg)
+        if sorted_pos is not None:
+            grouped_dw_launch(expand_launch(grad_out, sorted_pos), w_act, ddown, r, cfg)
         else:
             grouped_dw_launch(grad_out, w_act, ddown, r, cfg, a_gather=r.sorted_token)
     return _DownGrads(dh, dweights, ddown, ddown_a, ddown_b)
 
 
 def _gate_up_projection_bwd(dh, x, x_l, gate_up, gate_up_a, gate_up_b, top_k_index, r: Routing, need_dx,
-                            need_dgate_up, need_lora):  # fmt: skip
-    """dh (T*K, 2I) -> _GateUpGrads. x_l (T*K, R): the forward's LoRA-projected rows."""
+                            need_dgate_up, need_lora, sorted_pos):  # fmt: skip
+    """dh (T*K, 2I) -> _GateUpGrads. x_l (T*K, R): the forward's LoRA-projected rows. sorted_pos:
+    see _experts_bwd."""
     num_experts, block_m = r.expert_offsets.numel() - 1, r.block_m
     num_rows, hidden = dh.shape[0], x.shape[1]
     dx, dgate_up, dgate_up_a, dgate_up_b = (x.new_empty(0) for _ in range(4))  # not aliased, as above
@@ -275,8 +273,8 @@ def _gate_up_projection_bwd(dh, x, x_l, gate_up, gate_up_a, gate_up_b, top_k_ind
     if need_dgate_up:
         dgate_up = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=gate_up.device)
         cfg = dw_config("gate_up_dw", dh.shape[1], hidden, block_m, x.device)
-        if tuning.SORT_BEFORE_DW:
-            grouped_dw_launch(dh, _sorted_rows(x, r), dgate_up, r, cfg)
+        if sorted_pos is not None:
+            grouped_dw_launch(dh, expand_launch(x, sorted_pos), dgate_up, r, cfg)
         else:
             grouped_dw_launch(dh, x, dgate_up, r, cfg, b_gather=r.sorted_token)
     return _GateUpGrads(dx, dgate_up, dgate_up_a, dgate_up_b)
@@ -309,10 +307,16 @@ def _experts_bwd(
     r = _routing(routing, block_m)
     grad_out = grad_out.to(x.dtype).contiguous()
     gate_up, down = _operands(x, gate_up, down, nf4, r)
-    down_grads = _down_projection_bwd(grad_out, h, down, down_a, down_b, top_k_weights, r, need_ddown, need_lora)
+    # With tuning.SORT_BEFORE_DW the dW GEMMs read the token rows (dOut, x) copied into sorted
+    # order (expand.py), both operands then through TMA descriptors, instead of gathering one
+    # row index per step; sorted_pos (T*K,) places each (token, k) pair for those copies.
+    sorted_pos = sorted_positions(r) if tuning.SORT_BEFORE_DW and (need_ddown or need_dgate_up) else None
+    down_grads = _down_projection_bwd(grad_out, h, down, down_a, down_b, top_k_weights, r, need_ddown, need_lora,
+                                      sorted_pos)  # fmt: skip
     up_grads = _gate_up_projection_bwd(
-        down_grads.dh, x, x_l, gate_up, gate_up_a, gate_up_b, top_k_index, r, need_dx, need_dgate_up, need_lora
-    )
+        down_grads.dh, x, x_l, gate_up, gate_up_a, gate_up_b, top_k_index, r, need_dx, need_dgate_up, need_lora,
+        sorted_pos,
+    )  # fmt: skip
     return (
         up_grads.dx, up_grads.dgate_up, down_grads.ddown, down_grads.dweights.view(top_k_weights.shape),
         up_grads.dgate_up_a, up_grads.dgate_up_b, down_grads.ddown_a, down_grads.ddown_b,
