@@ -11,7 +11,8 @@
 #                                         and QLoRA (~6 min; the wheels of `tests` if still there)
 #   bash scripts/gpu_issue11.sh sonic     after `source .anchor/setup.sh` (the anchor site):
 #                                         SonicMoE with grouped_mm and ours in one process, 30B
-#                                         16384 and 235B 8192 (its first call per shape autotunes)
+#                                         16384 and 235B 8192 (CASES=...: others; its first call per
+#                                         shape autotunes)
 #   bash scripts/gpu_issue11.sh sonic-small   the same, then (call after call, the machine still
 #                                         warm) 30B at 2048 and 64 tokens, LoRA (PEFT + each peer)
 #                                         at 16384 and 2048, QLoRA (ours) at 16384
@@ -70,7 +71,7 @@ case $step in
     grep -hE "^\| 30b" "$out"/block_t64_run*.log
     ;;
   sonic)
-    python3 $bench --cases 30b-t16384,235b-t8192 --impls grouped_mm,ours,sonicmoe \
+    python3 $bench --cases "${CASES:-30b-t16384,235b-t8192}" --impls grouped_mm,ours,sonicmoe \
       --json "$out/block_sonic.json" > "$out/block_sonic.log" 2>&1
     grep -E "^\| " "$out/block_sonic.log"
     ;;
