@@ -219,6 +219,7 @@ def test_backward_options_match(kernel, monkeypatch, case):
 
     monkeypatch.setattr(kernel.tuning, "FUSE_DSWIGLU", False)
     monkeypatch.setattr(kernel.tuning, "SORT_BEFORE_DW", False)
+    monkeypatch.setattr(kernel.tuning, "SORT_BEFORE_DW_ROWS_PER_EXPERT", 0)  # these few rows: sorted too
     plain = run()
     monkeypatch.setattr(kernel.tuning, "FUSE_DSWIGLU", True)
     fused = run()
@@ -229,9 +230,20 @@ def test_backward_options_match(kernel, monkeypatch, case):
         assert rel_err(a, b) < (1e-5 if dtype == torch.float32 else 1e-3), i
     monkeypatch.setattr(kernel.tuning, "FUSE_DSWIGLU", False)
     lookup = kernel.tuning.dw_config
+    copies = []
+    expand = kernel.functional.expand_launch
+    monkeypatch.setattr(kernel.functional, "expand_launch", lambda *a: copies.append(1) or expand(*a))
+    base_dw = not (rank or four_bit)  # the copies serve the base weights' dW GEMMs only
     for options, sort_first in ((dict(persistent=1), False), (dict(), True), (dict(tma=True), True)):
         monkeypatch.setattr(kernel.tuning, "SORT_BEFORE_DW", sort_first)
         monkeypatch.setattr(kernel.functional, "dw_config", lambda *a, o=options, **kw: replace(lookup(*a, **kw), **o))
+        copies.clear()
         for i, (a, b) in enumerate(zip(run(), plain)):
             assert torch.equal(a, b), (options, sort_first, i)
+        assert len(copies) == (2 if sort_first and base_dw and shape[0] > 0 else 0), options
+    # Below SORT_BEFORE_DW_ROWS_PER_EXPERT rows per expert the dW GEMMs gather as before.
+    monkeypatch.setattr(kernel.tuning, "SORT_BEFORE_DW_ROWS_PER_EXPERT", 10**6)
+    copies.clear()
+    run()
+    assert not copies
 

@@ -307,10 +307,11 @@ def _experts_bwd(
     r = _routing(routing, block_m)
     grad_out = grad_out.to(x.dtype).contiguous()
     gate_up, down = _operands(x, gate_up, down, nf4, r)
-    # With tuning.SORT_BEFORE_DW the dW GEMMs read the token rows (dOut, x) copied into sorted
+    # With tuning.sort_before_dw the dW GEMMs read the token rows (dOut, x) copied into sorted
     # order (expand.py), both operands then through TMA descriptors, instead of gathering one
     # row index per step; sorted_pos (T*K,) places each (token, k) pair for those copies.
-    sorted_pos = sorted_positions(r) if tuning.SORT_BEFORE_DW and (need_ddown or need_dgate_up) else None
+    sort_first = tuning.sort_before_dw(r.sort_idx.numel(), r.expert_offsets.numel() - 1)
+    sorted_pos = sorted_positions(r) if sort_first and (need_ddown or need_dgate_up) else None
     down_grads = _down_projection_bwd(grad_out, h, down, down_a, down_b, top_k_weights, r, need_ddown, need_lora,
                                       sorted_pos)  # fmt: skip
     up_grads = _gate_up_projection_bwd(

@@ -34,13 +34,22 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # faster in one run (run 2) and slower in another (run 6), both within those sizes' run-to-run
 # noise. Read at each call.
 FUSE_DSWIGLU = False
-# The weight-gradient GEMMs read the token rows (x, dOut) copied into sorted order instead of
-# gathering them one row index per step: both operands then come through TMA descriptors. On the
-# H200 (scripts/dw_sorted.py, benchmarks/RESULTS.md) the copy takes 0.27 ms and the dW GEMMs
-# gain more: the experts' forward+backward 8.15 -> 7.83 ms (30B-A3B, 16384 tokens) and
-# 16.2 -> 15.3 ms (235B-A22B, 8192), the same bits. The copy is transient, one (T*K, H) buffer
-# at a time (+512 MiB of peak memory in that 30B block's backward). Read at each call.
+# The weight-gradient GEMMs read the token rows (x, dOut) copied into sorted order (expand.py)
+# instead of gathering them one row index per step: both operands then come through TMA
+# descriptors. On the H200 (scripts/dw_sorted.py, benchmarks/RESULTS.md) a copy takes 0.17 ms
+# and the dW GEMMs gain more: the experts' forward+backward 8.26 -> 7.73 ms (30B-A3B, 16384
+# tokens) and 16.35 -> 15.0-15.2 ms (235B-A22B, 8192), the same bits. The copy is transient,
+# one (T*K, H) buffer at a time (+512 MiB of peak memory in that 30B block's backward). Only from
+# SORT_BEFORE_DW_ROWS_PER_EXPERT rows per expert (measured down to 128, 30B-A3B at 2048 tokens):
+# with few rows per expert the dW GEMMs have few whole BLOCK_K steps for the descriptors, and
+# the copy's three launches cost host time that small batches pay. Read at each call.
 SORT_BEFORE_DW = True
+SORT_BEFORE_DW_ROWS_PER_EXPERT = 128
+
+
+def sort_before_dw(num_rows: int, num_experts: int) -> bool:
+    """Whether the dW GEMMs read the token rows copied into sorted order (SORT_BEFORE_DW)."""
+    return SORT_BEFORE_DW and num_rows >= SORT_BEFORE_DW_ROWS_PER_EXPERT * num_experts
 # The layers run Transformers' router classes (block.gate) with their softmax / top-k /
 # normalization in router.py's kernels (gate.py); False: the gate's own forward. Read at each call.
 FUSED_ROUTER = True
