@@ -185,6 +185,12 @@ def _(x, gate_up, down, top_k_index, top_k_weights, gate_up_a, gate_up_b, down_a
     return torch.empty_like(x), h, x_l, *index
 
 
+def _token_rows(t: Tensor, r: Routing, sorted_pos: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """A dW operand from token rows t (T, H): (t copied into sorted order, no gather) with
+    sorted_pos, else (t, its gather index)."""
+    return (expand_launch(t, sorted_pos), None) if sorted_pos is not None else (t, r.sorted_token)
+
+
 class _DownGrads(NamedTuple):
     """Gradients through the down projection (unneeded ones are empty tensors)."""
 
@@ -240,10 +246,8 @@ def _down_projection_bwd(grad_out, h, down, down_a, down_b, top_k_weights, r: Ro
     if need_ddown:
         ddown = torch.empty(down.shape, dtype=down.dtype, device=down.device)
         cfg = dw_config("down_dw", hidden, inter, block_m, grad_out.device)
-        if sorted_pos is not None:
-            grouped_dw_launch(expand_launch(grad_out, sorted_pos), w_act, ddown, r, cfg)
-        else:
-            grouped_dw_launch(grad_out, w_act, ddown, r, cfg, a_gather=r.sorted_token)
+        rows, gather = _token_rows(grad_out, r, sorted_pos)
+        grouped_dw_launch(rows, w_act, ddown, r, cfg, a_gather=gather)
     return _DownGrads(dh, dweights, ddown, ddown_a, ddown_b)
 
 
@@ -273,10 +277,8 @@ def _gate_up_projection_bwd(dh, x, x_l, gate_up, gate_up_a, gate_up_b, top_k_ind
     if need_dgate_up:
         dgate_up = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=gate_up.device)
         cfg = dw_config("gate_up_dw", dh.shape[1], hidden, block_m, x.device)
-        if sorted_pos is not None:
-            grouped_dw_launch(dh, expand_launch(x, sorted_pos), dgate_up, r, cfg)
-        else:
-            grouped_dw_launch(dh, x, dgate_up, r, cfg, b_gather=r.sorted_token)
+        rows, gather = _token_rows(x, r, sorted_pos)
+        grouped_dw_launch(dh, rows, dgate_up, r, cfg, b_gather=gather)
     return _GateUpGrads(dx, dgate_up, dgate_up_a, dgate_up_b)
 
 

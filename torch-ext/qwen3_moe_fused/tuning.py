@@ -50,6 +50,8 @@ SORT_BEFORE_DW_ROWS_PER_EXPERT = 128
 def sort_before_dw(num_rows: int, num_experts: int) -> bool:
     """Whether the dW GEMMs read the token rows copied into sorted order (SORT_BEFORE_DW)."""
     return SORT_BEFORE_DW and num_rows >= SORT_BEFORE_DW_ROWS_PER_EXPERT * num_experts
+
+
 # The layers run Transformers' router classes (block.gate) with their softmax / top-k /
 # normalization in router.py's kernels (gate.py); False: the gate's own forward. Read at each call.
 FUSED_ROUTER = True
