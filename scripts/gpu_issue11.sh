@@ -6,8 +6,6 @@
 #                                         retuned with the TMA candidates (30B, written to $OUT too)
 #   bash scripts/gpu_issue11.sh dw-sorted the dW GEMMs on operands copied into sorted order
 #                                         (scripts/dw_sorted.py; best tiles as JSON in $OUT)
-#   bash scripts/gpu_issue11.sh a-desc    the routed GEMMs' A through TMA descriptors where read in
-#                                         sorted order (scripts/a_desc.py; QUICK=1: shipped tiles only)
 #   bash scripts/gpu_issue11.sh ours      ours / ours-router / grouped_mm side by side at 64,
 #                                         2048 and 16384 tokens (30B), 235B at 8192, full, LoRA
 #                                         and QLoRA (~6 min; the wheels of `tests` if still there)
@@ -31,7 +29,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-issue11}
 mkdir -p "$out"
-step=${1:?tests, profiles, dw-sorted, a-desc, ours, sonic, sonic-small, confirm or dswiglu}
+step=${1:?tests, profiles, dw-sorted, ours, sonic, sonic-small, confirm or dswiglu}
 if [ "${step%-small}" != sonic ] && compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 fi
@@ -61,10 +59,6 @@ case $step in
   dw-sorted)
     python3 scripts/dw_sorted.py --json "$out/dw_sorted_best.json" ${QUICK:+--quick} > "$out/dw_sorted.log" 2>&1
     tail -8 "$out/dw_sorted.log"
-    ;;
-  a-desc)
-    python3 scripts/a_desc.py ${QUICK:+--quick} > "$out/a_desc.log" 2>&1
-    tail -12 "$out/a_desc.log"
     ;;
   ours)
     python3 $bench --cases 30b-t64,30b-t2048,30b-t16384,235b-t8192 --impls grouped_mm,ours,ours-router \

@@ -229,23 +229,17 @@ def test_backward_options_match(kernel, monkeypatch, case):
     for i, (a, b) in enumerate(zip(fused[1:], plain[1:])):
         assert rel_err(a, b) < (1e-5 if dtype == torch.float32 else 1e-3), i
     monkeypatch.setattr(kernel.tuning, "FUSE_DSWIGLU", False)
-    lookup, gemm_lookup = kernel.tuning.dw_config, kernel.tuning.gemm_config
+    lookup = kernel.tuning.dw_config
     copies = []
     expand = kernel.functional.expand_launch
     monkeypatch.setattr(kernel.functional, "expand_launch", lambda *a: copies.append(1) or expand(*a))
     base_dw = not (rank or four_bit)  # the copies serve the base weights' dW GEMMs only
-    # Last: the routed GEMMs' A through descriptors too where read in sorted order (tuning.TMA_A
-    # with tma_b configs: the down projection, down_dx on the sorted copy of dOut, gate_up_dx).
-    cases = ((dict(persistent=1), False, False), (dict(), True, False), (dict(tma=True), True, False),
-             (dict(tma=True), True, True))  # fmt: skip
-    for options, sort_first, tma_a in cases:
+    for options, sort_first in ((dict(persistent=1), False), (dict(), True), (dict(tma=True), True)):
         monkeypatch.setattr(kernel.tuning, "SORT_BEFORE_DW", sort_first)
         monkeypatch.setattr(kernel.functional, "dw_config", lambda *a, o=options, **kw: replace(lookup(*a, **kw), **o))
-        monkeypatch.setattr(kernel.functional, "gemm_config",
-                            lambda *a, t=tma_a, **kw: replace(gemm_lookup(*a, **kw), tma_b=t))  # fmt: skip
         copies.clear()
         for i, (a, b) in enumerate(zip(run(), plain)):
-            assert torch.equal(a, b), (options, sort_first, tma_a, i)
+            assert torch.equal(a, b), (options, sort_first, i)
         assert len(copies) == (2 if sort_first and base_dw and shape[0] > 0 else 0), options
     # Below SORT_BEFORE_DW_ROWS_PER_EXPERT rows per expert the dW GEMMs gather as before.
     monkeypatch.setattr(kernel.tuning, "SORT_BEFORE_DW_ROWS_PER_EXPERT", 10**6)

@@ -114,8 +114,6 @@ def _routed_gemm(kernel, opts, dtype, device="cpu", **config):
     expected = torch.empty(num_rows, n_out, dtype=torch.float64)
     expected[c_rows] = ref
 
-    if opts.get("poison"):  # A in sorted order: expert 1's rows, which no other expert's rows may read
-        a[int(r.expert_offsets[1]):int(r.expert_offsets[2])] = float("inf")
     cfg = _case_config(kernel, opts, **config)
     out = torch.full((num_rows, n_out), float("nan"), dtype=dtype, device=device)
     b = b._replace(codes=b.codes.to(device), absmax=b.absmax.to(device)) if opts.get("nf4") else b.to(device)
@@ -133,44 +131,6 @@ def test_routed_gemm(kernel, case, dtype):
     out, expected = _routed_gemm(kernel, GEMM_CASES[case], dtype)
     assert not out.isnan().any()
     assert rel_err(out, expected) < TOL[dtype]
-
-
-A_SORTED_CASES = [name for name, opts in GEMM_CASES.items() if not opts.get("gather")]
-
-
-@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul")  # the poisoned rows: inf * 0
-@pytest.mark.parametrize("case", A_SORTED_CASES)
-def test_routed_gemm_sorted_a_descriptor(kernel, monkeypatch, case):
-    """With tuning.TMA_A and a tma_b config an A read in sorted order comes through a TMA
-    descriptor (the interpreter's here), which cannot mask rows: the same bits as through its
-    pointers, and a neighbouring expert's rows (inf) never reach another expert's output rows."""
-    forward = importlib.import_module(kernel.__name__ + ".grouped_gemm.forward")
-    seen = []
-    original = forward._gemm_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(**kwargs):
-                seen.append(kwargs["a_desc"] is not None)
-                return original[grid](**kwargs)
-
-            return launch
-
-    monkeypatch.setattr(forward, "_gemm_kernel", Spy())
-    opts = GEMM_CASES[case]
-    monkeypatch.setattr(kernel.tuning, "TMA_A", False)
-    plain, _ = _routed_gemm(kernel, opts, torch.float32, tma_b=True)
-    monkeypatch.setattr(kernel.tuning, "TMA_A", True)
-    out, _ = _routed_gemm(kernel, opts, torch.float32, tma_b=True)
-    poisoned, _ = _routed_gemm(kernel, dict(opts, poison=True), torch.float32, tma_b=True)
-    assert seen == [False, True, True]
-    assert not plain.isnan().any() and torch.equal(out, plain)
-    r = _routing(kernel, opts.get("block_m", 16))
-    rows = torch.arange(r.sort_idx.numel())[int(r.expert_offsets[1]):int(r.expert_offsets[2])]
-    rows = r.sort_idx.long()[rows] if opts.get("scatter") else rows
-    others = torch.ones(plain.shape[0], dtype=torch.bool)
-    others[rows] = False
-    assert rows.numel() > 0 and torch.equal(poisoned[others], plain[others])
 
 
 SWIGLU_CASES = {
@@ -341,7 +301,6 @@ DSWIGLU_CASES = {
     "nf4 odd rows": dict(nf4=True, inter=21),
     "persistent+lora": dict(persistent=2, lora=True),
     "sentinel ids": dict(sentinel=True),
-    "dOut in sorted order (no gather)": dict(sorted=True),
     "tiles 64 (one column tile), block_m 32": dict(block_n=64, block_k=64, block_m=32),
     # From 128 columns the epilogue runs a quarter of the tile at a time: quarters past N.
     "tiles 128 (epilogue in quarters)": dict(block_n=128, block_k=32),
@@ -388,9 +347,6 @@ def _dswiglu_gemm(kernel, opts, dtype, device="cpu", **config):
 
     cfg = _case_config(kernel, opts, **config)
     b = b._replace(codes=b.codes.to(device), absmax=b.absmax.to(device)) if opts.get("nf4") else b.to(device)
-    gather = r.sorted_token
-    if opts.get("sorted"):  # the backward's sorted copy of dOut: A read in sorted order
-        grad_out, gather = grad_out[sorted_token], None
     grad_out, h, weights = grad_out.to(device), h.to(device), weights.to(device)
     runs = []
     for fused in (True, False):
@@ -399,10 +355,10 @@ def _dswiglu_gemm(kernel, opts, dtype, device="cpu", **config):
         dweights = torch.full((num_rows,), float("nan"), device=device)
         if fused:
             kernel.functional.dswiglu_gemm_launch(grad_out, b, h, weights, r, cfg, dh=dh, w_act=w_act,
-                                                  dweights=dweights, gather=gather, lora=lora)  # fmt: skip
+                                                  dweights=dweights, gather=r.sorted_token, lora=lora)  # fmt: skip
         else:
             g_rows = torch.empty(num_rows, inter, dtype=dtype, device=device)
-            kernel.functional.grouped_gemm_launch(grad_out, b, g_rows, r, cfg, b_is_kn=True, gather=gather,
+            kernel.functional.grouped_gemm_launch(grad_out, b, g_rows, r, cfg, b_is_kn=True, gather=r.sorted_token,
                                                   lora=lora)  # fmt: skip
             kernel.functional.swiglu_backward_launch(g_rows, h, weights, r, dh, w_act, dweights, 16)
         runs.append([t.cpu() for t in (dh, w_act, dweights)])

@@ -223,20 +223,17 @@ def _down_projection_bwd(grad_out, h, down, down_a, down_b, top_k_weights, r: Ro
     if down_a is not None:
         down_l = _lora_project(grad_out, down_b, r, gather=r.sorted_token, transposed=True)
         lora = (down_l, down_a, True)
-    # dOut rows for down_dx's A and down_dw: copied into sorted order once for both where the
-    # dW GEMM wants the copy (then no gather: A comes through a TMA descriptor too), else gathered.
-    rows, gather = _token_rows(grad_out, r, sorted_pos if need_ddown else None)
     dh = grad_out.new_empty(num_rows, 2 * inter)
     w_act = grad_out.new_empty(num_rows, inter)
     dweights = torch.empty(num_rows, dtype=top_k_weights.dtype, device=grad_out.device)
     if tuning.FUSE_DSWIGLU:  # the SwiGLU backward in the GEMM's epilogue: g never reaches memory
         cfg = gemm_config(_kind("down_dx_swiglu", down), inter, hidden, block_m, grad_out.device, lora is not None)
-        dswiglu_gemm_launch(rows, down, h, top_k_weights.reshape(-1), r, cfg, dh=dh, w_act=w_act, dweights=dweights,
-                            gather=gather, lora=lora)  # fmt: skip
+        dswiglu_gemm_launch(grad_out, down, h, top_k_weights.reshape(-1), r, cfg, dh=dh, w_act=w_act,
+                            dweights=dweights, gather=r.sorted_token, lora=lora)  # fmt: skip
     else:
         g = grad_out.new_empty(num_rows, inter)
         cfg = gemm_config(_kind("down_dx", down), inter, hidden, block_m, grad_out.device, lora is not None)
-        grouped_gemm_launch(rows, down, g, r, cfg, b_is_kn=True, gather=gather, lora=lora)
+        grouped_gemm_launch(grad_out, down, g, r, cfg, b_is_kn=True, gather=r.sorted_token, lora=lora)
         swiglu_backward_launch(g, h, top_k_weights.reshape(-1), r, dh, w_act, dweights, rows_block())
         del g  # free row buffers as soon as they are consumed: lower peak memory
 
@@ -249,6 +246,7 @@ def _down_projection_bwd(grad_out, h, down, down_a, down_b, top_k_weights, r: Ro
     if need_ddown:
         ddown = torch.empty(down.shape, dtype=down.dtype, device=down.device)
         cfg = dw_config("down_dw", hidden, inter, block_m, grad_out.device)
+        rows, gather = _token_rows(grad_out, r, sorted_pos)
         grouped_dw_launch(rows, w_act, ddown, r, cfg, a_gather=gather)
     return _DownGrads(dh, dweights, ddown, ddown_a, ddown_b)
 

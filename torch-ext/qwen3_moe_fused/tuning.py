@@ -52,13 +52,6 @@ def sort_before_dw(num_rows: int, num_experts: int) -> bool:
     return SORT_BEFORE_DW and num_rows >= SORT_BEFORE_DW_ROWS_PER_EXPERT * num_experts
 
 
-# A routed GEMM whose config loads B through TMA (tma_b) loads its A through a descriptor too
-# where A is read in sorted order (not gathered: the down projection, the dX GEMMs): one
-# descriptor load per k-tile instead of BLOCK_M row pointers; rows past the expert's end feed
-# only masked-out output rows. Same bits as without. Read at each call.
-TMA_A = True
-
-
 # The layers run Transformers' router classes (block.gate) with their softmax / top-k /
 # normalization in router.py's kernels (gate.py); False: the gate's own forward. Read at each call.
 FUSED_ROUTER = True

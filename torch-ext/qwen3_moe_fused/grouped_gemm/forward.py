@@ -17,9 +17,9 @@ _gemm_kernel) and LB (E, N, R) the scaled B factor; NF4: B is 4-bit (bitsandbyte
 packed codes and per-block absmax over the flat index of the dense (E, rows, cols) tensor)
 and is dequantized in the load, to the values bitsandbytes' dequantize_4bit gives.
 Absent operands are passed as None; the kernels branch on that at compile time.
-GemmConfig's switches: tma_b loads a dense B through a TMA descriptor, and with tuning.TMA_A an
-A read in sorted order (not gathered) too; persistent (programs per SM) launches a grid of fewer
-programs that walk the tiles. All give the same bits as without.
+GemmConfig's switches: tma_b loads a dense B through a TMA descriptor; persistent (programs
+per SM) launches a grid of fewer programs that walk the tiles. Both give the same bits as
+without.
 """
 
 import functools
@@ -30,7 +30,6 @@ import triton.language as tl
 
 from ..quant import Nf4Weight, nf4_code_table
 from ..routing import Routing
-from .. import tuning
 from ..tuning import GemmConfig
 from ..sizes import cdiv, next_power_of_2
 
@@ -98,26 +97,15 @@ def _mapped_rows(map_ptr, rows, mask):
 @triton.jit
 def _tile_rows(pid_m, expert, tile_row_start_ptr, expert_offsets_ptr, gather_ptr, a_ptr, stride_am, stride_ak,
                BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
-    """The first sorted row of row tile pid_m (of `expert`), its rows, their mask (rows of the
-    expert) and the pointers of the first K block of their A rows (gathered by token when
-    gather_ptr is given)."""
+    """The sorted rows of row tile pid_m (of `expert`), their mask (rows of the expert) and the
+    pointers of the first K block of their A rows (gathered by token when gather_ptr is given)."""
     row_start = tl.load(tile_row_start_ptr + pid_m)
     row_end = tl.load(expert_offsets_ptr + expert + 1)
     rows = row_start + tl.arange(0, BLOCK_M)
     row_mask = rows < row_end
     a_rows = _mapped_rows(gather_ptr, rows, row_mask)
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + tl.arange(0, BLOCK_K)[None, :] * stride_ak
-    return row_start, rows, row_mask, a_ptrs
-
-
-@triton.jit
-def _load_a(a_desc, a_ptrs, row_start, k0, mask):
-    """A k-tile of A: from its TMA descriptor at (row_start, k0) where given (rows past the
-    expert's belong to masked-out output rows, columns past K are zeros), else through a_ptrs."""
-    if a_desc is not None:
-        return a_desc.load([row_start, k0])
-    else:
-        return tl.load(a_ptrs, mask=mask, other=0.0)
+    return rows, row_mask, a_ptrs
 
 
 @triton.jit
@@ -136,8 +124,6 @@ def _tile_position(tile, num_tiles_m, N, BLOCK_N: tl.constexpr, GROUP_M: tl.cons
 @triton.jit
 def _mainloop(
     a_ptrs,  # (BLOCK_M, BLOCK_K) pointers to this tile's first k-tile of A
-    a_desc,  # TMA descriptor of A (rows, K) in (BLOCK_M, BLOCK_K) blocks, or None
-    row_start,  # the tile's first row of A (with a_desc)
     row_mask,
     K,
     stride_ak,
@@ -190,7 +176,7 @@ def _mainloop(
         else:
             pair_offs = b_base + offs_n[None, :].to(tl.int64) * stride_bn + 2 * offs_j[:, None]
         for k0 in range(0, K, BLOCK_K):
-            a = _load_a(a_desc, a_ptrs, row_start, k0, row_mask[:, None] & (offs_k < K - k0)[None, :])
+            a = tl.load(a_ptrs, mask=row_mask[:, None] & (offs_k < K - k0)[None, :], other=0.0)
             a_even, a_odd = tl.split(tl.reshape(a, (BLOCK_M, BLOCK_K // 2, 2)))
             pair_mask = (2 * offs_j < K - k0)[:, None] & n_mask[None, :]
             if SCALE_PER_COL:
@@ -221,7 +207,7 @@ def _mainloop(
         acc_odd = tl.zeros((BLOCK_M, BLOCK_N // 2), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k_mask = offs_k < K - k0
-            a = _load_a(a_desc, a_ptrs, row_start, k0, row_mask[:, None] & k_mask[None, :])
+            a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
             pair_mask = k_mask[:, None] & (offs_i < N)[None, :]
             b_even, b_odd = _load_nf4_pairs(b_ptr, absmax_ptr, code_ptr, pair_offs, pair_mask, QBLOCK, dtype)
             acc_even = _dot(a, b_even, acc_even, IEEE)
@@ -235,7 +221,7 @@ def _mainloop(
         # when K runs along the rows (B_KN).
         n0 = pid_n * BLOCK_N
         for k0 in range(0, K, BLOCK_K):
-            a = _load_a(a_desc, a_ptrs, row_start, k0, row_mask[:, None] & (offs_k < K - k0)[None, :])
+            a = tl.load(a_ptrs, mask=row_mask[:, None] & (offs_k < K - k0)[None, :], other=0.0)
             if B_KN:
                 b = b_desc.load([expert * b_rows + k0, n0])
             else:
@@ -248,7 +234,7 @@ def _mainloop(
         b_offs = b_base + offs_n[None, :].to(tl.int64) * stride_bn + offs_k[:, None] * stride_bk
         for k0 in range(0, K, BLOCK_K):
             k_mask = offs_k < K - k0
-            a = _load_a(a_desc, a_ptrs, row_start, k0, row_mask[:, None] & k_mask[None, :])
+            a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
             b_mask = k_mask[:, None] & n_mask[None, :]
             acc = _dot(a, _load_b(b_ptr, absmax_ptr, code_ptr, b_offs, b_mask, QBLOCK, dtype), acc, IEEE)
             if SWIGLU:
@@ -302,8 +288,8 @@ def _add_lora(
 
 @triton.jit
 def _tile_product(
-    pid_m, pid_n, expert, a_ptr, a_desc, b_ptr, b_desc, b_rows, absmax_ptr, code_ptr, lora_x_ptr, lora_b_ptr,
-    gather_ptr, tile_row_start_ptr, expert_offsets_ptr, N, K, stride_am, stride_ak, stride_be, stride_bn, stride_bk, R,
+    pid_m, pid_n, expert, a_ptr, b_ptr, b_desc, b_rows, absmax_ptr, code_ptr, lora_x_ptr, lora_b_ptr, gather_ptr,
+    tile_row_start_ptr, expert_offsets_ptr, N, K, stride_am, stride_ak, stride_be, stride_bn, stride_bk, R,
     stride_lx, stride_le, stride_ln, stride_lr, IEEE: tl.constexpr, SWIGLU: tl.constexpr, NF4_PAIRS: tl.constexpr,
     SCALE_PER_COL: tl.constexpr, B_KN: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -311,12 +297,12 @@ def _tile_product(
     """What every tile computes before its epilogue: (rows, row_mask, acc, acc_up), the sorted rows
     of row tile pid_m of `expert`, their mask and the float32 accumulators of A[rows] @ B[expert]^T
     over column tile pid_n (acc_up: the up rows with SWIGLU), the LoRA term added when given."""
-    row_start, rows, row_mask, a_ptrs = _tile_rows(
+    rows, row_mask, a_ptrs = _tile_rows(
         pid_m, expert, tile_row_start_ptr, expert_offsets_ptr, gather_ptr, a_ptr, stride_am, stride_ak,
         BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K,
     )  # fmt: skip
     acc, acc_up = _mainloop(
-        a_ptrs, a_desc, row_start, row_mask, K, stride_ak, b_ptr, b_desc, b_rows, absmax_ptr, code_ptr, expert, pid_n, N,
+        a_ptrs, row_mask, K, stride_ak, b_ptr, b_desc, b_rows, absmax_ptr, code_ptr, expert, pid_n, N,
         stride_be, stride_bn, stride_bk, IEEE=IEEE, SWIGLU=SWIGLU, NF4_PAIRS=NF4_PAIRS,
         SCALE_PER_COL=SCALE_PER_COL, B_KN=B_KN, QBLOCK=QBLOCK, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
@@ -331,7 +317,7 @@ def _tile_product(
 
 @triton.jit
 def _swiglu_tile(
-    tile, a_ptr, a_desc, b_ptr, b_desc, b_rows, absmax_ptr, code_ptr, c_ptr, h_ptr, lora_x_ptr, lora_b_ptr, gather_ptr,
+    tile, a_ptr, b_ptr, b_desc, b_rows, absmax_ptr, code_ptr, c_ptr, h_ptr, lora_x_ptr, lora_b_ptr, gather_ptr,
     tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr, num_tiles_m, N, K, stride_am, stride_ak, stride_be,
     stride_bn, stride_bk, stride_cm, stride_cn, stride_hm, R, stride_lx, stride_le, stride_ln, stride_lr,
     IEEE: tl.constexpr, NF4_PAIRS: tl.constexpr, SCALE_PER_COL: tl.constexpr, QBLOCK: tl.constexpr,
@@ -343,8 +329,8 @@ def _swiglu_tile(
     expert = tl.load(tile_expert_ptr + pid_m)
     if expert >= 0:  # else past the last used tile
         rows, row_mask, acc, acc_up = _tile_product(
-            pid_m, pid_n, expert, a_ptr, a_desc, b_ptr, b_desc, b_rows, absmax_ptr, code_ptr, lora_x_ptr,
-            lora_b_ptr, gather_ptr, tile_row_start_ptr, expert_offsets_ptr, N, K, stride_am, stride_ak, stride_be, stride_bn,
+            pid_m, pid_n, expert, a_ptr, b_ptr, b_desc, b_rows, absmax_ptr, code_ptr, lora_x_ptr, lora_b_ptr,
+            gather_ptr, tile_row_start_ptr, expert_offsets_ptr, N, K, stride_am, stride_ak, stride_be, stride_bn,
             stride_bk, R, stride_lx, stride_le, stride_ln, stride_lr, IEEE=IEEE, SWIGLU=True, NF4_PAIRS=NF4_PAIRS,
             SCALE_PER_COL=SCALE_PER_COL, B_KN=False, QBLOCK=QBLOCK, BLOCK_R=BLOCK_R, BLOCK_M=BLOCK_M,
             BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
@@ -368,7 +354,6 @@ def _swiglu_tile(
 @triton.jit
 def _swiglu_gemm_kernel(
     a_ptr,  # (rows of A, K): the tokens
-    a_desc,  # TMA descriptor of A in (BLOCK_M, BLOCK_K) blocks (A read in sorted order), or None
     b_ptr,  # (E, 2N, K) through strides, gate rows first; NF4: the packed codes
     b_desc,  # TMA descriptor of B's 2-D view (E * b_rows, K), or None
     b_rows,  # with b_desc: 2N
@@ -415,13 +400,13 @@ def _swiglu_gemm_kernel(
     if PERSISTENT:
         num_tiles = num_tiles_m * tl.cdiv(N, BLOCK_N)
         for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
-            _swiglu_tile(tile, a_ptr, a_desc, b_ptr, b_desc, b_rows, absmax_ptr, code_ptr, c_ptr, h_ptr, lora_x_ptr,
+            _swiglu_tile(tile, a_ptr, b_ptr, b_desc, b_rows, absmax_ptr, code_ptr, c_ptr, h_ptr, lora_x_ptr,
                 lora_b_ptr, gather_ptr, tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr, num_tiles_m, N, K,
                 stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn, stride_hm, R,
                 stride_lx, stride_le, stride_ln, stride_lr, IEEE, NF4_PAIRS, SCALE_PER_COL, QBLOCK, BLOCK_R,
                 BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)  # fmt: skip
     else:
-        _swiglu_tile(tl.program_id(0), a_ptr, a_desc, b_ptr, b_desc, b_rows, absmax_ptr, code_ptr, c_ptr, h_ptr, lora_x_ptr,
+        _swiglu_tile(tl.program_id(0), a_ptr, b_ptr, b_desc, b_rows, absmax_ptr, code_ptr, c_ptr, h_ptr, lora_x_ptr,
             lora_b_ptr, gather_ptr, tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr, num_tiles_m, N, K,
             stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn, stride_hm, R, stride_lx,
             stride_le, stride_ln, stride_lr, IEEE, NF4_PAIRS, SCALE_PER_COL, QBLOCK, BLOCK_R, BLOCK_M, BLOCK_N,
@@ -430,7 +415,7 @@ def _swiglu_gemm_kernel(
 
 @triton.jit
 def _gemm_tile(
-    tile, a_ptr, a_desc, b_ptr, b_desc, b_rows, absmax_ptr, code_ptr, c_ptr, lora_x_ptr, lora_b_ptr, gather_ptr,
+    tile, a_ptr, b_ptr, b_desc, b_rows, absmax_ptr, code_ptr, c_ptr, lora_x_ptr, lora_b_ptr, gather_ptr,
     scatter_ptr, scale_ptr, tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr, num_tiles_m, N, K, stride_am,
     stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn, R, stride_lx, stride_le, stride_ln, stride_lr,
     IEEE: tl.constexpr, NF4_PAIRS: tl.constexpr, SCALE_PER_COL: tl.constexpr, B_KN: tl.constexpr,
@@ -442,8 +427,8 @@ def _gemm_tile(
     expert = tl.load(tile_expert_ptr + pid_m)
     if expert >= 0:  # else past the last used tile
         rows, row_mask, acc, _ = _tile_product(
-            pid_m, pid_n, expert, a_ptr, a_desc, b_ptr, b_desc, b_rows, absmax_ptr, code_ptr, lora_x_ptr,
-            lora_b_ptr, gather_ptr, tile_row_start_ptr, expert_offsets_ptr, N, K, stride_am, stride_ak, stride_be, stride_bn,
+            pid_m, pid_n, expert, a_ptr, b_ptr, b_desc, b_rows, absmax_ptr, code_ptr, lora_x_ptr, lora_b_ptr,
+            gather_ptr, tile_row_start_ptr, expert_offsets_ptr, N, K, stride_am, stride_ak, stride_be, stride_bn,
             stride_bk, R, stride_lx, stride_le, stride_ln, stride_lr, IEEE=IEEE, SWIGLU=False, NF4_PAIRS=NF4_PAIRS,
             SCALE_PER_COL=SCALE_PER_COL, B_KN=B_KN, QBLOCK=QBLOCK, BLOCK_R=BLOCK_R, BLOCK_M=BLOCK_M,
             BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
@@ -463,7 +448,6 @@ def _gemm_tile(
 @triton.jit
 def _gemm_kernel(
     a_ptr,  # (rows of A, K)
-    a_desc,  # TMA descriptor of A in (BLOCK_M, BLOCK_K) blocks (A read in sorted order), or None
     b_ptr,  # (E, N, K), or (E, K, N) when B_KN, through strides; NF4: the packed codes
     b_desc,  # TMA descriptor of B's 2-D view (E * b_rows, cols), or None
     b_rows,  # with b_desc: rows of one expert in that view
@@ -511,13 +495,13 @@ def _gemm_kernel(
     if PERSISTENT:
         num_tiles = num_tiles_m * tl.cdiv(N, BLOCK_N)
         for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
-            _gemm_tile(tile, a_ptr, a_desc, b_ptr, b_desc, b_rows, absmax_ptr, code_ptr, c_ptr, lora_x_ptr, lora_b_ptr,
+            _gemm_tile(tile, a_ptr, b_ptr, b_desc, b_rows, absmax_ptr, code_ptr, c_ptr, lora_x_ptr, lora_b_ptr,
                 gather_ptr, scatter_ptr, scale_ptr, tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr,
                 num_tiles_m, N, K, stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn, R,
                 stride_lx, stride_le, stride_ln, stride_lr, IEEE, NF4_PAIRS, SCALE_PER_COL, B_KN, QBLOCK, BLOCK_R,
                 BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)  # fmt: skip
     else:
-        _gemm_tile(tl.program_id(0), a_ptr, a_desc, b_ptr, b_desc, b_rows, absmax_ptr, code_ptr, c_ptr, lora_x_ptr,
+        _gemm_tile(tl.program_id(0), a_ptr, b_ptr, b_desc, b_rows, absmax_ptr, code_ptr, c_ptr, lora_x_ptr,
             lora_b_ptr, gather_ptr, scatter_ptr, scale_ptr, tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr,
             num_tiles_m, N, K, stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn, R,
             stride_lx, stride_le, stride_ln, stride_lr, IEEE, NF4_PAIRS, SCALE_PER_COL, B_KN, QBLOCK, BLOCK_R,
@@ -526,7 +510,7 @@ def _gemm_kernel(
 
 @triton.jit
 def _dswiglu_tile(
-    tile, a_ptr, a_desc, b_ptr, b_desc, b_rows, absmax_ptr, code_ptr, h_ptr, weights_ptr, sort_idx_ptr, dh_ptr, w_act_ptr,
+    tile, a_ptr, b_ptr, b_desc, b_rows, absmax_ptr, code_ptr, h_ptr, weights_ptr, sort_idx_ptr, dh_ptr, w_act_ptr,
     dw_partial_ptr, lora_x_ptr, lora_b_ptr, gather_ptr, tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr,
     num_tiles_m, N, K, stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_hm, stride_dm, stride_wm, R,
     stride_lx, stride_le, stride_ln, stride_lr, IEEE: tl.constexpr, NF4_PAIRS: tl.constexpr,
@@ -538,8 +522,8 @@ def _dswiglu_tile(
     expert = tl.load(tile_expert_ptr + pid_m)
     if expert >= 0:  # else past the last used tile
         rows, row_mask, acc, _ = _tile_product(
-            pid_m, pid_n, expert, a_ptr, a_desc, b_ptr, b_desc, b_rows, absmax_ptr, code_ptr, lora_x_ptr,
-            lora_b_ptr, gather_ptr, tile_row_start_ptr, expert_offsets_ptr, N, K, stride_am, stride_ak, stride_be, stride_bn,
+            pid_m, pid_n, expert, a_ptr, b_ptr, b_desc, b_rows, absmax_ptr, code_ptr, lora_x_ptr, lora_b_ptr,
+            gather_ptr, tile_row_start_ptr, expert_offsets_ptr, N, K, stride_am, stride_ak, stride_be, stride_bn,
             stride_bk, R, stride_lx, stride_le, stride_ln, stride_lr, IEEE=IEEE, SWIGLU=False, NF4_PAIRS=NF4_PAIRS,
             SCALE_PER_COL=SCALE_PER_COL, B_KN=True, QBLOCK=QBLOCK, BLOCK_R=BLOCK_R, BLOCK_M=BLOCK_M,
             BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
@@ -610,7 +594,6 @@ def _dswiglu_cols(g, w, rows64, row_mask, n0, N, h_ptr, dh_ptr, w_act_ptr, strid
 @triton.jit
 def _dswiglu_gemm_kernel(
     a_ptr,  # (rows of A, K): the output gradient of the tokens
-    a_desc,  # TMA descriptor of A in (BLOCK_M, BLOCK_K) blocks (A read in sorted order), or None
     b_ptr,  # (E, K, N) through strides (the down weights, read transposed); NF4: the packed codes
     b_desc,  # TMA descriptor of B's 2-D view (E * K, N), or None
     b_rows,  # with b_desc: K
@@ -659,14 +642,14 @@ def _dswiglu_gemm_kernel(
     if PERSISTENT:
         num_tiles = num_tiles_m * tl.cdiv(N, BLOCK_N)
         for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
-            _dswiglu_tile(tile, a_ptr, a_desc, b_ptr, b_desc, b_rows, absmax_ptr, code_ptr, h_ptr, weights_ptr, sort_idx_ptr,
+            _dswiglu_tile(tile, a_ptr, b_ptr, b_desc, b_rows, absmax_ptr, code_ptr, h_ptr, weights_ptr, sort_idx_ptr,
                 dh_ptr, w_act_ptr, dw_partial_ptr, lora_x_ptr, lora_b_ptr, gather_ptr, tile_expert_ptr,
                 tile_row_start_ptr, expert_offsets_ptr, num_tiles_m, N, K, stride_am, stride_ak, stride_be,
                 stride_bn, stride_bk, stride_hm, stride_dm, stride_wm, R, stride_lx, stride_le, stride_ln,
                 stride_lr, IEEE, NF4_PAIRS, SCALE_PER_COL, QBLOCK, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K,
                 GROUP_M)  # fmt: skip
     else:
-        _dswiglu_tile(tl.program_id(0), a_ptr, a_desc, b_ptr, b_desc, b_rows, absmax_ptr, code_ptr, h_ptr, weights_ptr,
+        _dswiglu_tile(tl.program_id(0), a_ptr, b_ptr, b_desc, b_rows, absmax_ptr, code_ptr, h_ptr, weights_ptr,
             sort_idx_ptr, dh_ptr, w_act_ptr, dw_partial_ptr, lora_x_ptr, lora_b_ptr, gather_ptr, tile_expert_ptr,
             tile_row_start_ptr, expert_offsets_ptr, num_tiles_m, N, K, stride_am, stride_ak, stride_be, stride_bn,
             stride_bk, stride_hm, stride_dm, stride_wm, R, stride_lx, stride_le, stride_ln, stride_lr, IEEE,
@@ -698,19 +681,6 @@ def _b_descriptor(b: torch.Tensor, config: GemmConfig, b_is_kn: bool, k_in: int)
 
     block = [config.block_k, config.block_n] if b_is_kn else [config.block_n, config.block_k]
     return TensorDescriptor(b.view(num_experts * rows, cols), [num_experts * rows, cols], [cols, 1], block), rows
-
-
-def _a_descriptor(a: torch.Tensor, config: GemmConfig, gather: torch.Tensor | None, block_m: int):
-    """TMA descriptor of A (rows, K) in (block_m, block_k) blocks where tuning.TMA_A and the
-    config's tma_b ask for it, A is read in sorted order (no gather) and TMA can read it (CUDA
-    or the interpreter, unit column stride, 16-byte aligned base and rows); else None."""
-    if not (tuning.TMA_A and config.tma_b) or gather is not None or not (a.is_cuda or tuning.INTERPRET):
-        return None
-    if a.stride(1) != 1 or a.data_ptr() % 16 or (a.stride(0) * a.element_size()) % 16:
-        return None
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    return TensorDescriptor(a, list(a.shape), [a.stride(0), 1], [block_m, config.block_k])
 
 
 def _b_operand(a: torch.Tensor, b: "torch.Tensor | Nf4Weight", config: GemmConfig, b_is_kn: bool) -> dict:
@@ -786,7 +756,7 @@ def swiglu_gemm_launch(
     if num_tiles == 0:
         return out
     _swiglu_gemm_kernel[_grid(num_tiles, config, a.device)](
-        a_ptr=a, a_desc=_a_descriptor(a, config, gather, routing.block_m), c_ptr=out, h_ptr=h_out, gather_ptr=gather, N=n_out, K=a.shape[1],
+        a_ptr=a, c_ptr=out, h_ptr=h_out, gather_ptr=gather, N=n_out, K=a.shape[1],
         stride_am=a.stride(0), stride_ak=a.stride(1), stride_cm=out.stride(0), stride_cn=out.stride(1),
         stride_hm=h_out.stride(0) if h_out is not None else 0,
         **_b_operand(a, b, config, b_is_kn=False), **_lora_operand(lora), **_tile_map(routing),
@@ -823,8 +793,7 @@ def grouped_gemm_launch(
     if num_tiles == 0:
         return out
     _gemm_kernel[_grid(num_tiles, config, a.device)](
-        a_ptr=a, a_desc=_a_descriptor(a, config, gather, routing.block_m), c_ptr=out, gather_ptr=gather,
-        scatter_ptr=scatter, scale_ptr=row_scale, N=n_out, K=a.shape[1],
+        a_ptr=a, c_ptr=out, gather_ptr=gather, scatter_ptr=scatter, scale_ptr=row_scale, N=n_out, K=a.shape[1],
         stride_am=a.stride(0), stride_ak=a.stride(1), stride_cm=out.stride(0), stride_cn=out.stride(1),
         **_b_operand(a, b, config, b_is_kn), **_lora_operand(lora), **_tile_map(routing),
         B_KN=b_is_kn, IEEE=a.dtype == torch.float32, BLOCK_M=routing.block_m, BLOCK_N=config.block_n,
@@ -864,7 +833,7 @@ def dswiglu_gemm_launch(
     num_tiles = routing.tile_expert.numel() * num_tiles_n
     if num_tiles > 0:
         _dswiglu_gemm_kernel[_grid(num_tiles, config, a.device)](
-            a_ptr=a, a_desc=_a_descriptor(a, config, gather, routing.block_m), h_ptr=h, weights_ptr=weights, sort_idx_ptr=routing.sort_idx, dh_ptr=dh, w_act_ptr=w_act,
+            a_ptr=a, h_ptr=h, weights_ptr=weights, sort_idx_ptr=routing.sort_idx, dh_ptr=dh, w_act_ptr=w_act,
             dw_partial_ptr=partial, gather_ptr=gather, N=n_out, K=a.shape[1], stride_am=a.stride(0),
             stride_ak=a.stride(1), stride_hm=h.stride(0), stride_dm=dh.stride(0), stride_wm=w_act.stride(0),
             **_b_operand(a, b, config, b_is_kn=True), **_lora_operand(lora), **_tile_map(routing),
