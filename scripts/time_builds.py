@@ -18,14 +18,12 @@ import sys
 import torch
 import triton
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [SCRIPTS, os.path.join(os.path.dirname(SCRIPTS), "benchmarks")]
 from bit_compare import Experts, experts_case, load  # noqa: E402
+from block_side_by_side import CASES  # noqa: E402
 
-CASES = {  # name: (tokens, H, I, E, K)
-    "30b-t16384": (16384, 2048, 768, 128, 8),
-    "235b-t8192": (8192, 4096, 1536, 128, 8),
-    "30b-t2048": (2048, 2048, 768, 128, 8),
-}
+# The block benchmark's cases timed here, and the modes of each.
 MODES = {"30b-t16384": ("full", "lora", "qlora"), "235b-t8192": ("full",), "30b-t2048": ("full", "lora")}
 
 
@@ -60,10 +58,12 @@ def main():
     builds = {"old": load(args.old, "qmf_old"), "new": load(args.new, "qmf_new")}
     device = torch.device("cuda")
     rows = []
-    for name, (tokens, hidden, inter, num_experts, top_k) in CASES.items():
-        for mode in MODES[name]:
+    for name, modes in MODES.items():
+        case = CASES[name]
+        tokens, hidden = case.tokens, case.hidden
+        for mode in modes:
             rank = 16 if mode != "full" else 0
-            tensors, ids = experts_case(tokens, hidden, inter, num_experts, top_k, torch.bfloat16, device, rank)
+            tensors, ids = experts_case(tokens, hidden, case.inter, case.experts, case.top_k, torch.bfloat16, device, rank)
             grad = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(1)).to(device, torch.bfloat16)
             fns = {b: step_fns(pkg, tensors, ids, grad, mode) for b, pkg in builds.items()}
             times = {(b, s): [] for b in builds for s in ("fwd", "fwd+bwd")}
