@@ -22,9 +22,6 @@
 #                                         ones included), then 235B ours with and without the
 #                                         down_dx_swiglu key that tune found (3 runs each); the
 #                                         JSON with the family's keys comes back in $OUT
-#   bash scripts/gpu_issue11.sh ws        the dW GEMMs with warp specialization (scripts/dw_ws.py; best
-#                                         tiles as JSON in $OUT), then the kernel profile of the
-#                                         30B 16384-token block (scripts/profile_kernels.py)
 #   bash scripts/gpu_issue11.sh dswiglu   the dSwiGLU epilogue in quarters: old build (build-old/
 #                                         torch-cuda, from the commit before) against new, the
 #                                         down_dx_swiglu keys retuned, the blocks (JSON in $OUT)
@@ -32,7 +29,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-issue11}
 mkdir -p "$out"
-step=${1:?tests, profiles, dw-sorted, ws, ours, sonic, sonic-small, confirm or dswiglu}
+step=${1:?tests, profiles, dw-sorted, ours, sonic, sonic-small, confirm or dswiglu}
 if [ "${step%-small}" != sonic ] && compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 fi
@@ -62,11 +59,6 @@ case $step in
   dw-sorted)
     python3 scripts/dw_sorted.py --json "$out/dw_sorted_best.json" ${QUICK:+--quick} > "$out/dw_sorted.log" 2>&1
     tail -8 "$out/dw_sorted.log"
-    ;;
-  ws)
-    python3 scripts/dw_ws.py --json "$out/dw_ws_best.json" > "$out/dw_ws.log" 2>&1
-    python3 scripts/profile_kernels.py --cases 30b-t16384 > "$out/profile_kernels_t16384.log" 2>&1
-    grep -E "ms|Error" "$out/dw_ws.log" | tail -40; grep -A16 "fwd+bwd" "$out/profile_kernels_t16384.log"
     ;;
   ours)
     python3 $bench --cases 30b-t64,30b-t2048,30b-t16384,235b-t8192 --impls grouped_mm,ours,ours-router \

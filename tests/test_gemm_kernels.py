@@ -211,8 +211,7 @@ def test_weight_gradient(kernel, dtype, gathers, tiles):
     assert rel_err(out, expected) < TOL[dtype]
     # A persistent grid walking the tiles, one sorted operand through a TMA descriptor (unmasked:
     # the other operand's masked rows zero the neighbouring experts' rows): the same bits.
-    for options in (dict(persistent=1), dict(persistent=2), dict(tma=True), dict(tma=True, persistent=1),
-                    dict(tma=True, warp_specialize=True), dict(tma=True, warp_specialize=True, persistent=1)):
+    for options in (dict(persistent=1), dict(persistent=2), dict(tma=True), dict(tma=True, persistent=1)):
         walked = torch.full_like(out, float("nan"))
         kernel.functional.grouped_dw_launch(
             a, b, walked, r, replace(cfg, **options), a_gather=r.sorted_token if gathers == "a" else None,
@@ -222,9 +221,7 @@ def test_weight_gradient(kernel, dtype, gathers, tiles):
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-@pytest.mark.parametrize(
-    "options", [dict(), dict(tma=True), dict(tma=True, persistent=1), dict(tma=True, warp_specialize=True)]
-)
+@pytest.mark.parametrize("options", [dict(), dict(tma=True), dict(tma=True, persistent=1)])
 @pytest.mark.parametrize("gathers", ["none", "a", "b"])
 def test_weight_gradient_reads_only_its_experts_rows(kernel, gathers, options, device):
     """Rows that belong to no expert (ids outside [0, E) sort past the last expert's and are
@@ -438,11 +435,8 @@ def test_config_json_round_trip(kernel):
     cfg = tuning.GemmConfig.from_json(dict(BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3, TMA_B=True))
     assert cfg.tma_b and cfg.persistent == 0 and replace(cfg, persistent=1).to_json()["PERSISTENT"] == 1
     dw = tuning.DwConfig.from_json(dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3))
-    assert dw.persistent == 0 and not dw.tma and not dw.warp_specialize
-    assert not {"PERSISTENT", "TMA", "WARP_SPECIALIZE"} & set(dw.to_json())
+    assert dw.persistent == 0 and not dw.tma and not {"PERSISTENT", "TMA"} & set(dw.to_json())
     assert tuning.DwConfig.from_json(dict(replace(dw, persistent=2).to_json())).persistent == 2
     assert tuning.DwConfig.from_json(replace(dw, tma=True).to_json()) == replace(dw, tma=True)
-    ws = replace(dw, tma=True, warp_specialize=True)
-    assert ws.to_json()["WARP_SPECIALIZE"] is True and tuning.DwConfig.from_json(ws.to_json()) == ws
     with pytest.raises(ValueError, match="BLOCK_Q"):
         tuning.GemmConfig.from_json(dict(BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3, BLOCK_Q=1))

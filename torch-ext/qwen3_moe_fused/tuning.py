@@ -92,9 +92,6 @@ class DwConfig:
     pairs; 0: one program per tile (same bits either way).
     tma: load the operands read in sorted order through TMA descriptors in the expert's whole
     row steps (CUDA; same bits as without, see backward_dw.py).
-    warp_specialize: with both operands through descriptors, Triton's automatic warp
-    specialization of those steps (a producer warp issuing the TMA loads, consumer warps the
-    MMAs; same bits as without).
     """
 
     block_m: int
@@ -104,14 +101,13 @@ class DwConfig:
     num_stages: int
     persistent: int = 0
     tma: bool = False
-    warp_specialize: bool = False
 
     @classmethod
     def from_json(cls, entry: dict) -> "DwConfig":
         return cls(**_from_json(entry, _DW_KEYS, cls.__name__))
 
     def to_json(self) -> dict:
-        return _to_json(self, _DW_KEYS, dict(persistent=0, tma=False, warp_specialize=False))
+        return _to_json(self, _DW_KEYS, dict(persistent=0, tma=False))
 
 
 _GEMM_KEYS = dict(
@@ -120,7 +116,7 @@ _GEMM_KEYS = dict(
 )  # fmt: skip
 _DW_KEYS = dict(
     block_m="BLOCK_M", block_n="BLOCK_N", block_k="BLOCK_K", num_warps="num_warps", num_stages="num_stages",
-    persistent="PERSISTENT", tma="TMA", warp_specialize="WARP_SPECIALIZE",
+    persistent="PERSISTENT", tma="TMA",
 )  # fmt: skip
 
 

@@ -50,7 +50,7 @@ def _masked_step(acc, r0, row_end, a_ptr, b_ptr, a_gather_ptr, b_gather_ptr, off
 def _dw_tile(
     expert, pid, a_ptr, b_ptr, a_desc, b_desc, c_ptr, a_gather_ptr, b_gather_ptr, expert_offsets_ptr, M, N, stride_ar,
     stride_am, stride_br, stride_bn, stride_ce, stride_cm, stride_cn, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """Output tile pid = m-tile * n-tiles + n-tile of expert's gradient (arguments as in _grouped_dw_kernel)."""
     num_tiles_n = tl.cdiv(N, BLOCK_N)
@@ -73,7 +73,7 @@ def _dw_tile(
         # descriptors (every row of the step is the expert's: nothing to mask), then the partial
         # last step as without.
         full_end = row_start + (row_end - row_start) // BLOCK_K * BLOCK_K
-        for r0 in tl.range(row_start, full_end, BLOCK_K, warp_specialize=WARP_SPECIALIZE):
+        for r0 in range(row_start, full_end, BLOCK_K):
             rows = r0 + tl.arange(0, BLOCK_K)
             if a_desc is not None:
                 a = a_desc.load([r0, pid_m * BLOCK_M]).T
@@ -119,7 +119,6 @@ def _grouped_dw_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PERSISTENT: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr,
 ):
     # One program per tile, grid (tiles per expert, E): an expert's tiles run side by side and
     # share its rows in L2. PERSISTENT: a 1-D grid of fewer programs walking the tiles in that order.
@@ -128,11 +127,11 @@ def _grouped_dw_kernel(
         for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
             _dw_tile(tile // tiles_per_expert, tile % tiles_per_expert, a_ptr, b_ptr, a_desc, b_desc, c_ptr, a_gather_ptr,
                      b_gather_ptr, expert_offsets_ptr, M, N, stride_ar, stride_am, stride_br, stride_bn, stride_ce,
-                     stride_cm, stride_cn, IEEE, BLOCK_M, BLOCK_N, BLOCK_K, WARP_SPECIALIZE)  # fmt: skip
+                     stride_cm, stride_cn, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
     else:
         _dw_tile(tl.program_id(1), tl.program_id(0), a_ptr, b_ptr, a_desc, b_desc, c_ptr, a_gather_ptr, b_gather_ptr,
                  expert_offsets_ptr, M, N, stride_ar, stride_am, stride_br, stride_bn, stride_ce, stride_cm, stride_cn,
-                 IEEE, BLOCK_M, BLOCK_N, BLOCK_K, WARP_SPECIALIZE)  # fmt: skip
+                 IEEE, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
 
 
 def _rows_descriptor(t: torch.Tensor, block: list[int]):
@@ -188,7 +187,6 @@ def grouped_dw_launch(
         stride_ar=a.stride(0), stride_am=a.stride(1), stride_br=b.stride(0), stride_bn=b.stride(1),
         stride_ce=out.stride(0), stride_cm=out.stride(1), stride_cn=out.stride(2),
         IEEE=a.dtype == torch.float32, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        PERSISTENT=config.persistent > 0, WARP_SPECIALIZE=config.warp_specialize and a_desc is not None and b_desc is not None,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        PERSISTENT=config.persistent > 0, num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return out
