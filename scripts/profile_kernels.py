@@ -108,7 +108,7 @@ def main():
                         for _ in range(2):
                             fn()
                         torch.cuda.synchronize()
-                    prof.export_chrome_trace(f"{args.trace}/trace_{name}_{impl}_{step}.json")
+                    prof.export_chrome_trace(f"{args.trace}/trace_{name}_{impl}_{step.replace('+', '_')}.json")
                 total = sum(ms for _, ms in table.values())
                 issued, syncs = host_ms(fn)
                 print(f"\n== {name} {impl} {step}: kernels {total:.3f} ms, wall {wall_ms(fn):.3f} ms, host "
