@@ -2,10 +2,12 @@
 of a block_side_by_side.py case (whole block, every weight trainable), from torch.profiler.
 
 Per kernel name: calls and ms per step, then the sum of kernel time against the wall time of
-the step (measured apart, CUDA events around 20 steps): where wall > kernels the GPU waited for
-the host.
+the step (measured apart, CUDA events around 20 steps) and the host time of a step issued
+without waiting, with the synchronizing calls of one step. Where host >= kernels the GPU waits
+for the host. --trace DIR: a chrome trace of two steps each, for scripts/trace_gaps.py (the
+idle gaps between kernels and the late launches behind them).
 
-    python3 scripts/profile_kernels.py [--cases 30b-t16384,30b-t2048] [--impls ours,grouped_mm]
+    python3 scripts/profile_kernels.py [--cases 30b-t16384,30b-t2048] [--impls ours,grouped_mm] [--trace DIR]
 """
 
 import argparse
@@ -56,13 +58,14 @@ def host_ms(fn, steps=10):
         finally:
             torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
-    syncs = [str(w.message).splitlines()[0][:100] for w in caught if "synchroniz" in str(w.message)]
+    # Only the mode's warnings about a call (its notice that it is a prototype is not one).
+    messages = [str(w.message) for w in caught]
+    syncs = [m.splitlines()[0][:100] for m in messages if "synchronizing CUDA operation" in m]
     return issued, syncs
 
 
 def kernel_table(fn):
-    """({kernel name: (calls per step, ms per step)} of the CUDA kernels fn launches, the GPU's
-    idle gaps between them: (ms per step, the largest few as (ms, kernel before, kernel after)))."""
+    """{kernel name: (calls per step, ms per step)} of the CUDA kernels fn launches."""
     fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -70,16 +73,11 @@ def kernel_table(fn):
             fn()
         torch.cuda.synchronize()
     table = defaultdict(lambda: [0, 0.0])
-    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    for event in events:
-        table[event.name][0] += 1
-        table[event.name][1] += event.device_time / 1e3
-    events.sort(key=lambda e: e.time_range.start)
-    gaps = [((b.time_range.start - a.time_range.end) / 1e3, a.name[:40], b.name[:40])
-            for a, b in zip(events, events[1:])]  # fmt: skip
-    gaps = [g for g in gaps if g[0] > 0]
-    idle = sum(g[0] for g in gaps) / STEPS
-    return {name: (calls / STEPS, ms / STEPS) for name, (calls, ms) in table.items()}, (idle, sorted(gaps)[::-1][:6])
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            table[event.name][0] += 1
+            table[event.name][1] += event.device_time / 1e3
+    return {name: (calls / STEPS, ms / STEPS) for name, (calls, ms) in table.items()}
 
 
 def main():
@@ -102,7 +100,7 @@ def main():
             forward = (lambda: layer(block, x)) if impl == "ours" else (lambda: block(x))
             steps = {"fwd": forward, "fwd+bwd": lambda f=forward: torch.autograd.grad(f(), targets, grad_out)}
             for step, fn in steps.items():
-                table, (idle, largest) = kernel_table(fn)
+                table = kernel_table(fn)
                 if args.trace:
                     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                         for _ in range(2):
@@ -113,8 +111,6 @@ def main():
                 issued, syncs = host_ms(fn)
                 print(f"\n== {name} {impl} {step}: kernels {total:.3f} ms, wall {wall_ms(fn):.3f} ms, host "
                       f"{issued:.3f} ms per step; {len(syncs)} synchronizing calls {syncs[:3]}")
-                print(f"  GPU idle between kernels {idle:.3f} ms per step; largest gaps (ms, before, after): "
-                      + "; ".join(f"{ms:.3f} {a} -> {b}" for ms, a, b in largest))
                 for kname, (calls, ms) in sorted(table.items(), key=lambda kv: -kv[1][1])[:14]:
                     print(f"  {ms:7.3f} ms  x{calls:<4g} {kname[:110]}")
         del block
