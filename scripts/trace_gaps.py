@@ -36,13 +36,13 @@ def main():
         before_end = before["ts"] + before["dur"]
         gap = after["ts"] - before_end
         if gap > 0:
-            rows.append((gap, before, after, launches.get(after.get("args", {}).get("correlation"))))
+            rows.append((gap, before_end, before, after, launches.get(after.get("args", {}).get("correlation"))))
     span = (gpu[-1]["ts"] + gpu[-1]["dur"] - gpu[0]["ts"]) / 1e3
     print(f"GPU events {len(gpu)}, span {span:.3f} ms, gaps {sum(r[0] for r in rows) / 1e3:.3f} ms")
-    for gap, before, after, launch in sorted(rows, key=lambda r: -r[0])[: args.top]:
+    for gap, before_end, before, after, launch in sorted(rows, key=lambda r: -r[0])[: args.top]:
         where = ""
         if launch is not None:
-            late = launch["ts"] + launch["dur"] - (before["ts"] + before["dur"])
+            late = launch["ts"] + launch["dur"] - before_end
             inside = sorted((e for e in ops if e["ts"] <= launch["ts"] <= e["ts"] + e["dur"]), key=lambda e: e["ts"])
             where = f"launch ended {late:.1f} us after it [{launch['name']}] in: " + " / ".join(e["name"][:40] for e in inside)
         print(f"{gap:8.1f} us  {before['name'][:40]} -> {after['name'][:40]}  {where}")
