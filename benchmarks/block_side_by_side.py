@@ -137,30 +137,37 @@ def skip_reason(impl, mode):
     return None
 
 
+def trainable_module(block, kernel, mode):
+    """The block as trained in `mode`: itself (full), under PEFT LoRA r=16 on both expert
+    tensors with the base frozen (lora), the same on 4-bit experts (qlora; quantized in place)."""
+    if mode == "qlora":
+        kernel.quantize_experts_4bit(block)
+    if mode == "full":
+        return block
+    from peft import LoraConfig, get_peft_model
+    from torch import nn
+
+    class Holder(nn.Module):
+        def __init__(self, block):
+            super().__init__()
+            self.mlp = block
+
+    lora_config = LoraConfig(target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"], r=16,
+                             lora_alpha=32, init_lora_weights=False)  # fmt: skip
+    return get_peft_model(Holder(block), lora_config).base_model.model.mlp
+
+
 def run_case(name, kernel, impls, mode, repeats, device, dtype):
     case = CASES[name]
     hidden, tokens = case.hidden, case.tokens
     block, block_cls = make_block(case, device, dtype)
-    module, lora = block, mode != "full"
+    lora = mode != "full"
     config = block.experts.config  # read by the experts' forward on every call: switches the implementation
     for impl in impls:
         if skip_reason(impl, mode):
             print(f"{impl} skipped in {mode} mode ({name}): {skip_reason(impl, mode)}", flush=True)
     impls = [i for i in impls if not skip_reason(i, mode)]
-    if mode == "qlora":
-        kernel.quantize_experts_4bit(block)
-    if lora:
-        from peft import LoraConfig, get_peft_model
-        from torch import nn
-
-        class Holder(nn.Module):
-            def __init__(self, block):
-                super().__init__()
-                self.mlp = block
-
-        lora_config = LoraConfig(target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"], r=16,
-                                 lora_alpha=32, init_lora_weights=False)  # fmt: skip
-        module = get_peft_model(Holder(block), lora_config).base_model.model.mlp
+    module = trainable_module(block, kernel, mode)
     targets = [p for p in module.parameters() if p.requires_grad]
     x = torch.randn(1, tokens, hidden, device=device, dtype=dtype, requires_grad=True)
     grad_out = torch.randn(1, tokens, hidden, device=device, dtype=dtype)

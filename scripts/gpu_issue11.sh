@@ -22,6 +22,8 @@
 #                                         ones included), then 235B ours with and without the
 #                                         down_dx_swiglu key that tune found (3 runs each); the
 #                                         JSON with the family's keys comes back in $OUT
+#   bash scripts/gpu_issue11.sh lora-profile  the kernels of our LoRA and QLoRA steps at 30B 16384
+#                                         and 2048 tokens (scripts/profile_kernels.py --mode)
 #   bash scripts/gpu_issue11.sh dswiglu   the dSwiGLU epilogue in quarters: old build (build-old/
 #                                         torch-cuda, from the commit before) against new, the
 #                                         down_dx_swiglu keys retuned, the blocks (JSON in $OUT)
@@ -29,7 +31,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-issue11}
 mkdir -p "$out"
-step=${1:?tests, profiles, dw-sorted, ours, sonic, sonic-small, confirm or dswiglu}
+step=${1:?tests, profiles, dw-sorted, ours, sonic, sonic-small, confirm, lora-profile or dswiglu}
 if [ "${step%-small}" != sonic ] && compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 fi
@@ -55,6 +57,12 @@ case $step in
     cp torch-ext/qwen3_moe_fused/configs/NVIDIA_H200.json "$out/"
     grep -E "host .* us/call" "$out/profile_layer_t64.log"
     grep -E " ms " "$out/tune_dw.log"
+    ;;
+  lora-profile)
+    for mode in lora qlora; do
+      python3 scripts/profile_kernels.py --cases 30b-t16384,30b-t2048 --mode $mode > "$out/profile_kernels_$mode.log" 2>&1
+    done
+    grep -hE "^== " "$out"/profile_kernels_*.log
     ;;
   dw-sorted)
     python3 scripts/dw_sorted.py --json "$out/dw_sorted_best.json" ${QUICK:+--quick} > "$out/dw_sorted.log" 2>&1

@@ -1,5 +1,7 @@
 """Where the GPU time of our layer goes: the CUDA kernels of one forward and one forward+backward
-of a block_side_by_side.py case (whole block, every weight trainable), from torch.profiler.
+of a block_side_by_side.py case (whole block; --mode full: every weight trainable, lora / qlora:
+PEFT LoRA r=16 on the (4-bit) experts, base frozen, as block_side_by_side.py trains it), from
+torch.profiler.
 
 Per kernel name: calls and ms per step, then the sum of kernel time against the wall time of
 the step (measured apart, CUDA events around 20 steps) and the host time of a step issued
@@ -7,7 +9,8 @@ without waiting, with the synchronizing calls of one step. Where host >= kernels
 for the host. --trace DIR: a chrome trace of two steps each, for scripts/trace_gaps.py (the
 idle gaps between kernels and the late launches behind them).
 
-    python3 scripts/profile_kernels.py [--cases 30b-t16384,30b-t2048] [--impls ours,grouped_mm] [--trace DIR]
+    python3 scripts/profile_kernels.py [--cases 30b-t16384,30b-t2048] [--impls ours,grouped_mm] [--mode full]
+        [--trace DIR]
 """
 
 import argparse
@@ -22,7 +25,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from _load import load_kernel  # noqa: E402
-from block_side_by_side import CASES, make_block  # noqa: E402
+from block_side_by_side import CASES, make_block, trainable_module  # noqa: E402
 
 STEPS = 5
 
@@ -84,6 +87,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", default="30b-t16384,30b-t2048")
     parser.add_argument("--impls", default="ours")
+    parser.add_argument("--mode", default="full", choices=["full", "lora", "qlora"])
     parser.add_argument("--trace", help="folder: a chrome trace (host and GPU) of two steps of each case / step")
     args = parser.parse_args()
     kernel = load_kernel()
@@ -91,13 +95,14 @@ def main():
     for name in args.cases.split(","):
         case = CASES[name]
         block, block_cls = make_block(case, device, dtype)
+        module = trainable_module(block, kernel, args.mode)
         x = torch.randn(1, case.tokens, case.hidden, device=device, dtype=dtype, requires_grad=True)
         grad_out = torch.randn_like(x)
-        targets = [x, *block.parameters()]
+        targets = [x, *(p for p in module.parameters() if p.requires_grad)]
         layer = getattr(kernel.layers, block_cls).forward
         for impl in args.impls.split(","):
             block.experts.config._experts_implementation = "grouped_mm" if impl == "ours" else impl
-            forward = (lambda: layer(block, x)) if impl == "ours" else (lambda: block(x))
+            forward = (lambda: layer(module, x)) if impl == "ours" else (lambda: module(x))
             steps = {"fwd": forward, "fwd+bwd": lambda f=forward: torch.autograd.grad(f(), targets, grad_out)}
             for step, fn in steps.items():
                 table = kernel_table(fn)
@@ -109,11 +114,11 @@ def main():
                     prof.export_chrome_trace(f"{args.trace}/trace_{name}_{impl}_{step.replace('+', '_')}.json")
                 total = sum(ms for _, ms in table.values())
                 issued, syncs = host_ms(fn)
-                print(f"\n== {name} {impl} {step}: kernels {total:.3f} ms, wall {wall_ms(fn):.3f} ms, host "
+                print(f"\n== {name} {args.mode} {impl} {step}: kernels {total:.3f} ms, wall {wall_ms(fn):.3f} ms, host "
                       f"{issued:.3f} ms per step; {len(syncs)} synchronizing calls {syncs[:3]}")
                 for kname, (calls, ms) in sorted(table.items(), key=lambda kv: -kv[1][1])[:14]:
                     print(f"  {ms:7.3f} ms  x{calls:<4g} {kname[:110]}")
-        del block
+        del block, module
         torch.cuda.empty_cache()
 
 
