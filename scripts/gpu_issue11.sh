@@ -24,6 +24,8 @@
 #                                         JSON with the family's keys comes back in $OUT
 #   bash scripts/gpu_issue11.sh lora-profile  the kernels of our LoRA and QLoRA steps at 30B 16384
 #                                         and 2048 tokens (scripts/profile_kernels.py --mode)
+#   bash scripts/gpu_issue11.sh lora-tune     LoRA's thin GEMMs tuned (scripts/tune.py --quick --only lora;
+#                                         the JSON comes back in $OUT)
 #   bash scripts/gpu_issue11.sh dswiglu   the dSwiGLU epilogue in quarters: old build (build-old/
 #                                         torch-cuda, from the commit before) against new, the
 #                                         down_dx_swiglu keys retuned, the blocks (JSON in $OUT)
@@ -31,7 +33,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-issue11}
 mkdir -p "$out"
-step=${1:?tests, profiles, dw-sorted, ours, sonic, sonic-small, confirm, lora-profile or dswiglu}
+step=${1:?tests, profiles, dw-sorted, ours, sonic, sonic-small, confirm, lora-profile, lora-tune or dswiglu}
 if [ "${step%-small}" != sonic ] && compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 fi
@@ -63,6 +65,11 @@ case $step in
       python3 scripts/profile_kernels.py --cases 30b-t16384,30b-t2048 --mode $mode > "$out/profile_kernels_$mode.log" 2>&1
     done
     grep -hE "^== " "$out"/profile_kernels_*.log
+    ;;
+  lora-tune)
+    timeout "${TUNE_S:-300}" python3 scripts/tune.py --quick --only lora > "$out/tune_lora.log" 2>&1
+    cp torch-ext/qwen3_moe_fused/configs/NVIDIA_H200.json "$out/"
+    grep -E " ms " "$out/tune_lora.log"
     ;;
   dw-sorted)
     python3 scripts/dw_sorted.py --json "$out/dw_sorted_best.json" ${QUICK:+--quick} > "$out/dw_sorted.log" 2>&1

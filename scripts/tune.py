@@ -1,7 +1,7 @@
 """Tune the grouped GEMM tile configs on this GPU and write configs/<device>.json.
 
 Run on a CUDA machine after `python3 scripts/build.py` (it imports build/torch-cuda):
-    python3 scripts/tune.py [--quick] [--shapes NAME ... | --family] [--tokens 1024 ...] [--only routed|dw|dswiglu]
+    python3 scripts/tune.py [--quick] [--shapes NAME ... | --family] [--tokens 1024 ...] [--only routed|dw|dswiglu|lora]
         [--from-shipped]
 Each GEMM kind of the MoE block is timed (triton.testing.do_bench, median) over a small
 candidate list for the Qwen3-30B-A3B and Qwen3-235B-A22B shapes (--shapes: any of SHAPES;
@@ -65,6 +65,16 @@ def lora_candidates():
     for block_n, block_k, warps, stages in [(16, 64, 4, 3), (16, 128, 4, 3), (32, 64, 4, 3), (32, 128, 4, 3),
                                             (16, 256, 4, 2), (32, 128, 8, 4)]:  # fmt: skip
         yield GemmConfig(block_n=block_n, block_k=block_k, group_m=8, num_warps=warps, num_stages=stages)
+
+
+def lora_dw_candidates(thin_m: bool):
+    """Tiles of a factor gradient (E, R, big) (thin_m) or (E, big, R): thin along the rank."""
+    for thin, wide, block_k, warps, stages in [(16, 128, 64, 4, 3), (16, 256, 64, 4, 3), (32, 128, 64, 4, 3),
+                                               (16, 128, 128, 4, 3), (32, 256, 64, 8, 3), (16, 64, 128, 4, 4),
+                                               (32, 64, 64, 4, 4), (16, 256, 32, 4, 4), (32, 128, 128, 4, 3)]:  # fmt: skip
+        block_m, block_n = (thin, wide) if thin_m else (wide, thin)
+        yield DwConfig(block_m=block_m, block_n=block_n, block_k=block_k, num_warps=warps, num_stages=stages)
+        yield DwConfig(block_m=block_m, block_n=block_n, block_k=block_k, num_warps=warps, num_stages=stages, tma=True)
 
 
 # dW tiles that were best on the H100 / H200: also tried on a persistent grid (1 and 2 programs per SM)
@@ -159,7 +169,7 @@ def tune_shape(hidden, inter, num_experts, top_k, num_tokens, configs, log, save
             dh, gate_up, rows, r, c, b_is_kn=True, scatter=r.sort_idx)),
         "down_dx_swiglu": (inter, hidden, False, dswiglu),
     }  # fmt: skip
-    if only == "dw":
+    if only in ("dw", "lora"):
         routed = {}
     if only == "dswiglu":
         routed = {"down_dx_swiglu": routed["down_dx_swiglu"]}
@@ -167,7 +177,7 @@ def tune_shape(hidden, inter, num_experts, top_k, num_tokens, configs, log, save
         key = tuning.gemm_key(kind, n, k, block_m)
         configs[key] = best(f"{key} T={num_tokens}", launch, gemm_candidates(block_m, swiglu), log)
         save()
-    if block_m > 32 and only not in ("dw", "dswiglu"):  # training: the GEMMs with the LoRA term (rank LORA_RANK)
+    if block_m > 32 and only not in ("dw", "dswiglu", "lora"):  # training: the GEMMs with the LoRA term (rank LORA_RANK)
         lora_rows = torch.randn(num_rows, LORA_RANK, device=dev, dtype=torch.bfloat16)
         lora_b = {n: torch.randn(num_experts, n, LORA_RANK, device=dev, dtype=torch.bfloat16) * 0.1
                   for n in (2 * inter, hidden)}  # fmt: skip
@@ -186,15 +196,10 @@ def tune_shape(hidden, inter, num_experts, top_k, num_tokens, configs, log, save
             save()
     if only in ("routed", "dswiglu"):
         return
-    # Thin LoRA projections (rank LORA_RANK) of the token rows and of the activations.
-    for k, a_in, gather in ((hidden, x, r.sorted_token), (inter, act, None)) if only != "dw" else ():
-        lora_a = torch.randn(num_experts, LORA_RANK, k, device=dev, dtype=torch.bfloat16)
-        projected = torch.empty(num_rows, LORA_RANK, device=dev, dtype=torch.bfloat16)
-        key = tuning.gemm_key("lora", LORA_RANK, k, block_m)
-        launch = lambda c, a_in=a_in, lora_a=lora_a, gather=gather, projected=projected: grouped_gemm_launch(  # noqa: E731
-            a_in, lora_a, projected, r, c, gather=gather)
-        configs[key] = best(f"{key} T={num_tokens}", launch, lora_candidates(), log)
-        save()
+    if only != "dw":
+        tune_lora(hidden, inter, num_experts, x, act, grad_out, dh, r, configs, log, save, num_tokens)
+    if only == "lora":
+        return
     if block_m <= 32:  # decode: no backward
         return
     d_down, d_gate_up = torch.empty_like(down), torch.empty_like(gate_up)
@@ -209,14 +214,59 @@ def tune_shape(hidden, inter, num_experts, top_k, num_tokens, configs, log, save
         save()
 
 
+def tune_lora(hidden, inter, num_experts, x, act, grad_out, dh, r, configs, log, save, num_tokens):
+    """The thin GEMMs of LoRA rank LORA_RANK: the projections by a factor ("lora", one key for
+    the forward's A and the backward's transposed B of the same K: both timed together) and,
+    at training row tiles, the four factor gradients ("lora_dw")."""
+    dev, dt, rank, num_rows, block_m = x.device, x.dtype, LORA_RANK, r.sort_idx.numel(), r.block_m
+    projected = torch.empty(num_rows, rank, device=dev, dtype=dt)
+    a_factor = {k: torch.randn(num_experts, rank, k, device=dev, dtype=dt) for k in (hidden, inter)}  # (E, R, in)
+    b_factor = {n: torch.randn(num_experts, n, rank, device=dev, dtype=dt) for n in (hidden, 2 * inter)}  # (E, out, R)
+    projections = [  # (K, launch): launches of one K share a key, and are timed together
+        (hidden, lambda c: grouped_gemm_launch(x, a_factor[hidden], projected, r, c, gather=r.sorted_token)),
+        (inter, lambda c: grouped_gemm_launch(act, a_factor[inter], projected, r, c)),
+    ]  # fmt: skip
+    if block_m > 32:  # training: the backward's projections by the transposed B factors
+        projections += [
+            (hidden, lambda c: grouped_gemm_launch(grad_out, b_factor[hidden], projected, r, c, gather=r.sorted_token,
+                                                   b_is_kn=True)),
+            (2 * inter, lambda c: grouped_gemm_launch(dh, b_factor[2 * inter], projected, r, c, b_is_kn=True)),
+        ]  # fmt: skip
+    for k in dict.fromkeys(k for k, _ in projections):
+        launches = [launch for k_, launch in projections if k_ == k]
+        key = tuning.gemm_key("lora", rank, k, block_m)
+        configs[key] = best(f"{key} T={num_tokens}", lambda c, ls=launches: [f(c) for f in ls], lora_candidates(), log)
+        save()
+    if block_m <= 32:
+        return
+    lora_rows = torch.randn(num_rows, rank, device=dev, dtype=dt)
+    dws = [  # ((M, N), launch): the factor gradients as functional.py makes them; one key's timed together
+        ((rank, inter), lambda c, out=torch.empty(num_experts, rank, inter, device=dev, dtype=dt): grouped_dw_launch(
+            lora_rows, act, out, r, c)),
+        ((hidden, rank), lambda c, out=torch.empty(num_experts, hidden, rank, device=dev, dtype=dt): grouped_dw_launch(
+            grad_out, lora_rows, out, r, c, a_gather=r.sorted_token)),
+        ((rank, hidden), lambda c, out=torch.empty(num_experts, rank, hidden, device=dev, dtype=dt): grouped_dw_launch(
+            lora_rows, x, out, r, c, b_gather=r.sorted_token)),
+        ((2 * inter, rank), lambda c, out=torch.empty(num_experts, 2 * inter, rank, device=dev, dtype=dt):
+            grouped_dw_launch(dh, lora_rows, out, r, c)),
+    ]  # fmt: skip
+    for m, n in dict.fromkeys(mn for mn, _ in dws):
+        launches = [launch for mn, launch in dws if mn == (m, n)]
+        key = tuning.dw_key("lora_dw", m, n, block_m)
+        configs[key] = best(f"{key} T={num_tokens}", lambda c, ls=launches: [f(c) for f in ls], lora_dw_candidates(m < n),
+                            log)  # fmt: skip
+        save()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="only the 30B-A3B shape")
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), help=f"shapes to tune (default {DEFAULT_SHAPES})")
     parser.add_argument("--family", action="store_true", help="every shape of SHAPES")
-    parser.add_argument("--only", choices=["routed", "dw", "dswiglu"], help="only the routed GEMMs (with and without "
-                        "the LoRA term), only the weight-gradient GEMMs, or only the down_dx GEMM with the fused SwiGLU "
-                        "backward (down_dx_swiglu), at the training token count")  # fmt: skip
+    parser.add_argument("--only", choices=["routed", "dw", "dswiglu", "lora"], help="only the routed GEMMs (with and "
+                        "without the LoRA term), only the weight-gradient GEMMs, only the down_dx GEMM with the fused "
+                        "SwiGLU backward (down_dx_swiglu), or only LoRA's thin projections and factor gradients, at the "
+                        "training token count")  # fmt: skip
     parser.add_argument("--tokens", type=int, nargs="+", help="token counts to tune at (default: the training "
                         "count, 16384 for 30B-A3B and 8192 for 235B-A22B, and 16 for decode)")  # fmt: skip
     parser.add_argument("--from-shipped", action="store_true", help="try only the configs the device's JSON "
