@@ -95,13 +95,14 @@ def main():
     for name in args.cases.split(","):
         case = CASES[name]
         block, block_cls = make_block(case, device, dtype)
+        config = block.experts.config  # before PEFT wraps the experts
         module = trainable_module(block, kernel, args.mode)
         x = torch.randn(1, case.tokens, case.hidden, device=device, dtype=dtype, requires_grad=True)
         grad_out = torch.randn_like(x)
         targets = [x, *(p for p in module.parameters() if p.requires_grad)]
         layer = getattr(kernel.layers, block_cls).forward
         for impl in args.impls.split(","):
-            block.experts.config._experts_implementation = "grouped_mm" if impl == "ours" else impl
+            config._experts_implementation = "grouped_mm" if impl == "ours" else impl
             forward = (lambda: layer(module, x)) if impl == "ours" else (lambda: module(x))
             steps = {"fwd": forward, "fwd+bwd": lambda f=forward: torch.autograd.grad(f(), targets, grad_out)}
             for step, fn in steps.items():

@@ -177,11 +177,12 @@ def tune_shape(hidden, inter, num_experts, top_k, num_tokens, configs, log, save
         key = tuning.gemm_key(kind, n, k, block_m)
         configs[key] = best(f"{key} T={num_tokens}", launch, gemm_candidates(block_m, swiglu), log)
         save()
-    if block_m > 32 and only not in ("dw", "dswiglu", "lora"):  # training: the GEMMs with the LoRA term (rank LORA_RANK)
+    if block_m > 32 and only not in ("dw", "dswiglu"):  # training: the GEMMs with the LoRA term (rank LORA_RANK)
         lora_rows = torch.randn(num_rows, LORA_RANK, device=dev, dtype=torch.bfloat16)
         lora_b = {n: torch.randn(num_experts, n, LORA_RANK, device=dev, dtype=torch.bfloat16) * 0.1
                   for n in (2 * inter, hidden)}  # fmt: skip
         lora_a_down = torch.randn(num_experts, LORA_RANK, inter, device=dev, dtype=torch.bfloat16) * 0.1  # (E, R, I)
+        lora_a_gate_up = torch.randn(num_experts, LORA_RANK, hidden, device=dev, dtype=torch.bfloat16) * 0.1  # (E, R, H)
         with_lora = {
             "gate_up": (inter, hidden, True, lambda c: swiglu_gemm_launch(
                 x, gate_up, act, r, c, gather=r.sorted_token, h_out=h,
@@ -189,7 +190,13 @@ def tune_shape(hidden, inter, num_experts, top_k, num_tokens, configs, log, save
             "down": (hidden, inter, False, lambda c: grouped_gemm_launch(
                 act, down, rows, r, c, scatter=r.sort_idx, row_scale=flat_w, lora=(lora_rows, lora_b[hidden], False))),
             "down_dx_swiglu": (inter, hidden, False, lambda c: dswiglu(c, lora=(lora_rows, lora_a_down, True))),
+            "down_dx": (inter, hidden, False, lambda c: grouped_gemm_launch(
+                grad_out, down, act, r, c, b_is_kn=True, gather=r.sorted_token, lora=(lora_rows, lora_a_down, True))),
+            "gate_up_dx": (hidden, 2 * inter, False, lambda c: grouped_gemm_launch(
+                dh, gate_up, rows, r, c, b_is_kn=True, scatter=r.sort_idx, lora=(lora_rows, lora_a_gate_up, True))),
         }  # fmt: skip
+        if only == "lora":  # the shipped backward: the SwiGLU backward apart (tuning.FUSE_DSWIGLU off)
+            with_lora.pop("down_dx_swiglu")
         for kind, (n, k, swiglu, launch) in with_lora.items():
             key = tuning.gemm_key(f"{kind}+lora", n, k, block_m)
             configs[key] = best(f"{key} T={num_tokens}", launch, gemm_candidates(block_m, swiglu), log)
@@ -265,7 +272,8 @@ def main():
     parser.add_argument("--family", action="store_true", help="every shape of SHAPES")
     parser.add_argument("--only", choices=["routed", "dw", "dswiglu", "lora"], help="only the routed GEMMs (with and "
                         "without the LoRA term), only the weight-gradient GEMMs, only the down_dx GEMM with the fused "
-                        "SwiGLU backward (down_dx_swiglu), or only LoRA's thin projections and factor gradients, at the "
+                        "SwiGLU backward (down_dx_swiglu), or only LoRA's GEMMs (the routed ones with its term, its thin "
+                        "projections and factor gradients), at the "
                         "training token count")  # fmt: skip
     parser.add_argument("--tokens", type=int, nargs="+", help="token counts to tune at (default: the training "
                         "count, 16384 for 30B-A3B and 8192 for 235B-A22B, and 16 for decode)")  # fmt: skip
