@@ -1,7 +1,7 @@
 """The experts' forward and forward+backward of two builds, timed side by side on the GPU: for a
 kernel change that should not change results but may change speed.
 
-    python3 scripts/time_builds.py OLD_BUILD NEW_BUILD [--rounds 3]
+    python3 scripts/time_builds.py OLD_BUILD NEW_BUILD [--rounds 3] [--cases 30b-t2048,...]
 OLD_BUILD / NEW_BUILD: build/torch-cuda folders made by scripts/build.py from the two commits.
 moe_experts_forward (bf16, random routing) at Qwen3-30B-A3B (16384 and 2048 tokens) and
 Qwen3-235B-A22B (8192 tokens) widths: dense with every weight trainable, LoRA r=16 on frozen
@@ -54,11 +54,13 @@ def main():
     parser.add_argument("old")
     parser.add_argument("new")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--cases", default=",".join(MODES), help="cases of MODES to time (default: all)")
     args = parser.parse_args()
     builds = {"old": load(args.old, "qmf_old"), "new": load(args.new, "qmf_new")}
     device = torch.device("cuda")
     rows = []
-    for name, modes in MODES.items():
+    for name in args.cases.split(","):
+        modes = MODES[name]
         case = CASES[name]
         tokens, hidden = case.tokens, case.hidden
         for mode in modes:
