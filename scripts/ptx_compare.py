@@ -52,6 +52,7 @@ class Build:
         for module in (self.forward, self.dw_module):
             for attr in dir(module):
                 kernel = getattr(module, attr)
+                kernel = kernel.fn if type(kernel).__name__ == "Launcher" else kernel  # behind launch.Launcher
                 if isinstance(kernel, triton.runtime.JITFunction) and attr.endswith("_kernel"):
                     self._record(kernel)
         self.forward._num_sms = lambda device: 132

@@ -15,8 +15,10 @@ import triton.language as tl
 
 from .routing import Routing
 from .sizes import cdiv, next_power_of_2
+from .launch import launcher
 
 
+@launcher
 @triton.jit
 def _swiglu_backward_kernel(
     g_ptr,  # (sorted rows, I)

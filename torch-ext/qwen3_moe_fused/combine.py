@@ -9,8 +9,10 @@ import triton
 import triton.language as tl
 
 from .sizes import cdiv, next_power_of_2
+from .launch import launcher
 
 
+@launcher
 @triton.jit
 def _combine_kernel(
     rows_ptr,  # (T * K, H)

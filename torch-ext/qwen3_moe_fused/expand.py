@@ -14,8 +14,10 @@ import triton.language as tl
 
 from .routing import Routing
 from .sizes import cdiv, next_power_of_2
+from .launch import launcher
 
 
+@launcher
 @triton.jit
 def _invert_kernel(sort_idx_ptr, sorted_pos_ptr, num_rows, BLOCK: tl.constexpr):
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -24,6 +26,7 @@ def _invert_kernel(sort_idx_ptr, sorted_pos_ptr, num_rows, BLOCK: tl.constexpr):
     tl.store(sorted_pos_ptr + flat, rows, mask=mask)
 
 
+@launcher
 @triton.jit
 def _expand_kernel(
     x_ptr,  # (T, H)

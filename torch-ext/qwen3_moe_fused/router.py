@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from .sizes import cdiv, next_power_of_2
+from .launch import launcher
 
 # The largest expert count a program holds in registers; BLOCK_T * BLOCK_E <= _TILE elements a
 # program: at 2048 neither kernel spills registers on sm_90 for E 60 to 4096 (ptxas -v, triton
@@ -41,6 +42,7 @@ def _token_tile(logits_ptr, stride_lt, num_tokens, num_experts, BLOCK_T: tl.cons
     return tokens, token_mask, experts, expert_mask, probs
 
 
+@launcher
 @triton.jit
 def _router_topk_kernel(
     logits_ptr,  # (T, E) through its row stride
@@ -79,6 +81,7 @@ def _router_topk_kernel(
     tl.store(indices_ptr + out, ids.to(tl.int64), mask=mask)
 
 
+@launcher
 @triton.jit
 def _router_topk_backward_kernel(
     logits_ptr,  # (T, E) through its row stride

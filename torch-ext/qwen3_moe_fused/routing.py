@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from .sizes import cdiv, next_power_of_2
+from .launch import launcher
 
 
 class Routing(NamedTuple):
@@ -84,6 +85,7 @@ def _count_rows(ids_ptr, start, end, num_rows, num_experts, SUB_ROWS: tl.constex
     return counts
 
 
+@launcher
 @triton.jit
 def _histogram_kernel(
     ids_ptr,  # (N,) expert id of each flat row
@@ -150,6 +152,7 @@ def _write_offsets_and_tiles(
     return starts, total
 
 
+@launcher
 @triton.jit
 def _scan_kernel(
     hist_ptr,  # (num_blocks, E) counts per block and expert; exclusive prefix over blocks out
@@ -212,6 +215,7 @@ def _scatter_rows(
         next_oob += tl.sum(oob, axis=0)
 
 
+@launcher
 @triton.jit
 def _scatter_kernel(
     ids_ptr,  # (N,) expert id of each flat row
@@ -242,6 +246,7 @@ def _scatter_kernel(
     )  # fmt: skip
 
 
+@launcher
 @triton.jit
 def _route_block_kernel(
     ids_ptr,  # (N,) expert id of each flat row, N <= SINGLE_PROGRAM_ROWS

@@ -18,6 +18,7 @@ from ..routing import Routing
 from ..tuning import INTERPRET, DwConfig
 from .forward import _dot, _mapped_rows, _num_sms
 from ..sizes import cdiv
+from ..launch import launcher
 
 
 @triton.jit
@@ -94,6 +95,7 @@ def _dw_tile(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
+@launcher
 @triton.jit
 def _grouped_dw_kernel(
     a_ptr,  # (rows of A, M)

@@ -32,6 +32,7 @@ from ..quant import Nf4Weight, nf4_code_table
 from ..routing import Routing
 from ..tuning import GemmConfig
 from ..sizes import cdiv, next_power_of_2
+from ..launch import launcher
 
 
 @triton.jit
@@ -351,6 +352,7 @@ def _swiglu_tile(
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
+@launcher
 @triton.jit
 def _swiglu_gemm_kernel(
     a_ptr,  # (rows of A, K): the tokens
@@ -445,6 +447,7 @@ def _gemm_tile(
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
+@launcher
 @triton.jit
 def _gemm_kernel(
     a_ptr,  # (rows of A, K)
@@ -591,6 +594,7 @@ def _dswiglu_cols(g, w, rows64, row_mask, n0, N, h_ptr, dh_ptr, w_act_ptr, strid
     return tl.sum(g * act, axis=1)
 
 
+@launcher
 @triton.jit
 def _dswiglu_gemm_kernel(
     a_ptr,  # (rows of A, K): the output gradient of the tokens

@@ -37,6 +37,7 @@ from torch import Tensor
 
 from ..tuning import INTERPRET
 from ..sizes import cdiv
+from ..launch import launcher
 
 # bitsandbytes.functional.get_4bit_type("nf4"): quantiles of N(0, 1) scaled to [-1, 1], sorted.
 NF4_CODE = torch.tensor(
@@ -111,6 +112,7 @@ def _use_triton(t: Tensor) -> bool:
 # ---------------------------------------------------------------- quantize
 
 
+@launcher
 @triton.jit
 def _rcp_approx_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
     """out = rcp.approx.ftz.f32(x): what nvcc --use_fast_math makes of bitsandbytes' 1.0f / absmax."""
@@ -202,6 +204,7 @@ def _round_to_bf16(x):
     return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
+@launcher
 @triton.jit
 def _dequantize_nf4_kernel(
     codes_ptr, absmax_ptr, code_ptr, out_ptr, n, offsets_ptr, per_expert,
