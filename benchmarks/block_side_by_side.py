@@ -22,7 +22,8 @@ for later token counts; scattermoe has one config a kernel and torch.compiles it
 implementation's output and gradients are compared with grouped_mm's (relative Frobenius error;
 in bf16 ties between router probabilities can pick other experts than torch.topk, which shows
 there). Our layer runs the router's top-k softmax in its kernel (gate.py); `ours-router` keeps
-Transformers' router forward, to time that kernel alone (OURS_OPTIONS below).
+Transformers' router forward, to time that kernel alone; `ours-jit` launches every kernel through
+Triton's JITFunction.run (launch.DIRECT off) (OURS_OPTIONS below).
 `--json` is rewritten after every case, so a run cut short keeps the cases it finished.
 
     python benchmarks/block_side_by_side.py [--cases 30b-t16384,...] [--impls ours,grouped_mm,sonicmoe,scattermoe,liger]
@@ -32,6 +33,7 @@ Transformers' router forward, to time that kernel alone (OURS_OPTIONS below).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
@@ -111,18 +113,22 @@ def case_flops(case: Case) -> int:
 # tuning.FUSE_DSWIGLU), "+pdw" runs the dW GEMMs on a persistent grid (one program per SM),
 # "-router" runs Transformers' router forward (tuning.FUSED_ROUTER off).
 # Values: (fuse, dW programs per SM, fused router).
-OURS_OPTIONS = {"ours": (None, 0, True), "ours+dswiglu": (True, 0, True), "ours-dswiglu": (False, 0, True),
-                "ours+pdw": (None, 1, True), "ours+dswiglu+pdw": (True, 1, True), "ours-router": (None, 0, False)}  # fmt: skip
+# impl -> (FUSE_DSWIGLU (None: shipped), dW persistent, FUSED_ROUTER, launch.DIRECT)
+OURS_OPTIONS = {"ours": (None, 0, True, True), "ours+dswiglu": (True, 0, True, True),
+                "ours-dswiglu": (False, 0, True, True), "ours+pdw": (None, 1, True, True),
+                "ours+dswiglu+pdw": (True, 1, True, True), "ours-router": (None, 0, False, True),
+                "ours-jit": (None, 0, True, False)}  # fmt: skip
 _SHIPPED = {}
 
 
 def _configure(kernel, impl):
     from dataclasses import replace
 
-    fuse, persistent, router = OURS_OPTIONS.get(impl, (None, 0, True))
+    fuse, persistent, router, direct = OURS_OPTIONS.get(impl, OURS_OPTIONS["ours"])
     shipped_fuse, shipped_dw = _SHIPPED.setdefault("state", (kernel.tuning.FUSE_DSWIGLU, kernel.functional.dw_config))
     kernel.tuning.FUSE_DSWIGLU = shipped_fuse if fuse is None else fuse
     kernel.tuning.FUSED_ROUTER = router
+    importlib.import_module(kernel.__name__ + ".launch").DIRECT = direct
     kernel.functional.dw_config = (
         (lambda *a, **kw: replace(shipped_dw(*a, **kw), persistent=persistent)) if persistent else shipped_dw
     )

@@ -26,6 +26,10 @@
 #                                         and 2048 tokens (scripts/profile_kernels.py --mode)
 #   bash scripts/gpu_issue11.sh lora-tune     LoRA's thin GEMMs tuned (scripts/tune.py --quick --only lora;
 #                                         the JSON comes back in $OUT)
+#   bash scripts/gpu_issue11.sh launch    launch.Launcher's direct path: host time per step off / on with the
+#                                         same-bits check (scripts/host_breakdown.py, 2048 and 64 tokens), the
+#                                         blocks at 64 and 2048 tokens (ours-jit = direct path off, same
+#                                         process), the GPU tests of the launcher, GEMMs and experts
 #   bash scripts/gpu_issue11.sh dswiglu   the dSwiGLU epilogue in quarters: old build (build-old/
 #                                         torch-cuda, from the commit before) against new, the
 #                                         down_dx_swiglu keys retuned, the blocks (JSON in $OUT)
@@ -33,7 +37,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-issue11}
 mkdir -p "$out"
-step=${1:?tests, profiles, dw-sorted, ours, sonic, sonic-small, confirm, lora-profile, lora-tune or dswiglu}
+step=${1:?tests, profiles, dw-sorted, ours, sonic, sonic-small, confirm, lora-profile, lora-tune, launch or dswiglu}
 if [ "${step%-small}" != sonic ] && compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 fi
@@ -123,6 +127,16 @@ PY
     cat "$out/dw_tma.log"; grep -E "^\| " "$out/block_confirm.log"
     grep -E "ms " "$out/tune_family_dw_best.log"
     cat "$out/confirm_235b_dswiglu.log"
+    ;;
+  launch)
+    python3 scripts/host_breakdown.py --tokens 2048 > "$out/host_breakdown_t2048.log" 2>&1
+    python3 $bench --cases 30b-t2048,30b-t64 --impls grouped_mm,ours-jit,ours --modes full,lora \
+      --lora-cases 30b-t2048 --json "$out/block_launch.json" > "$out/block_launch.log" 2>&1
+    python3 scripts/host_breakdown.py --tokens 64 > "$out/host_breakdown_t64.log" 2>&1
+    timeout "${TEST_S:-200}" python3 -m pytest -q -m gpu tests/test_launch.py tests/test_gemm_kernels.py \
+      tests/test_experts.py > "$out/test_launch_gemm_experts.log" 2>&1
+    tail -n 1 "$out/test_launch_gemm_experts.log"
+    grep -hE "^\| |same output" "$out"/host_breakdown_t*.log "$out/block_launch.log"
     ;;
   dswiglu)
     python3 scripts/compare_dswiglu.py build-old/torch-cuda build/torch-cuda > "$out/compare_dswiglu.log" 2>&1
