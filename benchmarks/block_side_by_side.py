@@ -108,29 +108,45 @@ def case_flops(case: Case) -> int:
     return 2 * case.tokens * 3 * case.hidden * (case.top_k * case.inter + case.shared)
 
 
-# Our layer as shipped ("ours"), or with an option forced (benchmarks/backward_options.py):
-# "+dswiglu" / "-dswiglu" fuse / never fuse the SwiGLU backward into the down_dx GEMM (shipped:
-# tuning.FUSE_DSWIGLU), "+pdw" runs the dW GEMMs on a persistent grid (one program per SM),
-# "-router" runs Transformers' router forward (tuning.FUSED_ROUTER off).
-# Values: (fuse, dW programs per SM, fused router).
-# impl -> (FUSE_DSWIGLU (None: shipped), dW persistent, FUSED_ROUTER, launch.DIRECT)
-OURS_OPTIONS = {"ours": (None, 0, True, True), "ours+dswiglu": (True, 0, True, True),
-                "ours-dswiglu": (False, 0, True, True), "ours+pdw": (None, 1, True, True),
-                "ours+dswiglu+pdw": (True, 1, True, True), "ours-router": (None, 0, False, True),
-                "ours-jit": (None, 0, True, False)}  # fmt: skip
+class OursOptions(NamedTuple):
+    """Our layer with an option forced (None: as shipped)."""
+
+    fuse_dswiglu: bool | None = None  # tuning.FUSE_DSWIGLU: the SwiGLU backward in the down_dx GEMM
+    dw_persistent: int = 0  # dW GEMMs on a persistent grid of this many programs per SM
+    fused_router: bool = True  # tuning.FUSED_ROUTER: the router's top-k softmax in our kernel
+    direct_launch: bool = True  # launch.DIRECT: launches through the compiled kernel's launcher
+    sort_rows_per_expert: int | None = None  # tuning.SORT_BEFORE_DW_ROWS_PER_EXPERT
+
+
+# Our layer as shipped ("ours"), or with an option forced (benchmarks/backward_options.py).
+OURS_OPTIONS = {
+    "ours": OursOptions(),
+    "ours+dswiglu": OursOptions(fuse_dswiglu=True),
+    "ours-dswiglu": OursOptions(fuse_dswiglu=False),
+    "ours+pdw": OursOptions(dw_persistent=1),
+    "ours+dswiglu+pdw": OursOptions(fuse_dswiglu=True, dw_persistent=1),
+    "ours-router": OursOptions(fused_router=False),
+    "ours-jit": OursOptions(direct_launch=False),
+    "ours-gatherdw": OursOptions(sort_rows_per_expert=256),  # dW operands gathered, not copied, at 2048 tokens of 30B
+}
 _SHIPPED = {}
 
 
 def _configure(kernel, impl):
     from dataclasses import replace
 
-    fuse, persistent, router, direct = OURS_OPTIONS.get(impl, OURS_OPTIONS["ours"])
-    shipped_fuse, shipped_dw = _SHIPPED.setdefault("state", (kernel.tuning.FUSE_DSWIGLU, kernel.functional.dw_config))
-    kernel.tuning.FUSE_DSWIGLU = shipped_fuse if fuse is None else fuse
-    kernel.tuning.FUSED_ROUTER = router
-    importlib.import_module(kernel.__name__ + ".launch").DIRECT = direct
+    options = OURS_OPTIONS.get(impl, OURS_OPTIONS["ours"])
+    tuning = kernel.tuning
+    shipped = _SHIPPED.setdefault(
+        "state", (tuning.FUSE_DSWIGLU, kernel.functional.dw_config, tuning.SORT_BEFORE_DW_ROWS_PER_EXPERT)
+    )
+    tuning.FUSE_DSWIGLU = shipped[0] if options.fuse_dswiglu is None else options.fuse_dswiglu
+    tuning.FUSED_ROUTER = options.fused_router
+    tuning.SORT_BEFORE_DW_ROWS_PER_EXPERT = options.sort_rows_per_expert or shipped[2]
+    importlib.import_module(kernel.__name__ + ".launch").DIRECT = options.direct_launch
+    persistent = options.dw_persistent
     kernel.functional.dw_config = (
-        (lambda *a, **kw: replace(shipped_dw(*a, **kw), persistent=persistent)) if persistent else shipped_dw
+        (lambda *a, **kw: replace(shipped[1](*a, **kw), persistent=persistent)) if persistent else shipped[1]
     )
 
 

@@ -30,6 +30,9 @@
 #                                         same-bits check (scripts/host_breakdown.py, 2048 and 64 tokens), the
 #                                         blocks at 64 and 2048 tokens (ours-jit = direct path off, same
 #                                         process), the GPU tests of the launcher, GEMMs and experts
+#   bash scripts/gpu_issue11.sh launch-final  the blocks at 2048 and 64 tokens: grouped_mm, ours-jit, ours and
+#                                         ours-gatherdw (dW operands gathered at 2048 tokens), then the GPU
+#                                         tests of CUDA graphs, torch.compile, LoRA, 4-bit, router (bounded)
 #   bash scripts/gpu_issue11.sh dswiglu   the dSwiGLU epilogue in quarters: old build (build-old/
 #                                         torch-cuda, from the commit before) against new, the
 #                                         down_dx_swiglu keys retuned, the blocks (JSON in $OUT)
@@ -37,7 +40,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-issue11}
 mkdir -p "$out"
-step=${1:?tests, profiles, dw-sorted, ours, sonic, sonic-small, confirm, lora-profile, lora-tune, launch or dswiglu}
+step=${1:?tests, profiles, dw-sorted, ours, sonic, sonic-small, confirm, lora-profile, lora-tune, launch, launch-final or dswiglu}
 if [ "${step%-small}" != sonic ] && compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 fi
@@ -137,6 +140,15 @@ PY
       tests/test_experts.py > "$out/test_launch_gemm_experts.log" 2>&1
     tail -n 1 "$out/test_launch_gemm_experts.log"
     grep -hE "^\| |same output" "$out"/host_breakdown_t*.log "$out/block_launch.log"
+    ;;
+  launch-final)
+    python3 $bench --cases 30b-t2048,30b-t64 --impls grouped_mm,ours-jit,ours,ours-gatherdw \
+      --json "$out/block_launch_final.json" > "$out/block_launch_final.log" 2>&1
+    grep -E "^\| " "$out/block_launch_final.log"
+    timeout "${TEST_S:-150}" python3 -m pytest -q -m gpu tests/test_gpu.py tests/test_quant_format.py \
+      -k "cuda_graph or torch_compile or lora_bf16 or 4bit or router_topk or cuda_matches" \
+      > "$out/test_gpu_launch.log" 2>&1
+    tail -n 1 "$out/test_gpu_launch.log"
     ;;
   dswiglu)
     python3 scripts/compare_dswiglu.py build-old/torch-cuda build/torch-cuda > "$out/compare_dswiglu.log" 2>&1
