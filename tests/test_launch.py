@@ -30,18 +30,24 @@ class FakeJit:
 
     def __init__(self):
         self.log = []
+        self.pre_run_hooks = []
 
     def run(self, *args, grid, warmup, **kwargs):
         self.log.append(("jit", grid, args, kwargs))
         return FakeCompiled(self.log)
 
 
+def fake_knobs(enter=None, exit_=None, debug=False):
+    runtime = SimpleNamespace(launch_enter_hook=enter, launch_exit_hook=exit_, debug=debug)
+    return SimpleNamespace(runtime=runtime, compilation=SimpleNamespace(instrumentation_mode=""))
+
+
 @pytest.fixture
 def direct(launch, monkeypatch):
-    """The direct path switched on as on CUDA, with a fake driver and device 0."""
+    """The direct path switched on as on CUDA, with fake knobs and driver, and device 0."""
     monkeypatch.setattr(launch, "_DIRECT_OK", True)
     monkeypatch.setattr(launch, "DIRECT", True)
-    monkeypatch.setattr(launch, "_no_hooks", lambda: True)
+    monkeypatch.setattr(launch, "knobs", fake_knobs(), raising=False)
     streams = SimpleNamespace(get_current_stream=lambda device: 1234)
     monkeypatch.setattr(launch, "driver", SimpleNamespace(active=streams), raising=False)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
@@ -65,7 +71,8 @@ def test_repeated_key_launches_the_compiled_kernel_directly(direct):
 
 @pytest.mark.parametrize(
     "change",
-    ["dtype", "alignment", "int value", "bool for int", "None for tensor", "num_warps", "constexpr", "device"],
+    ["dtype", "alignment", "int value", "bool for int", "None for tensor", "num_warps", "constexpr", "device",
+     "debug knob"],
 )
 def test_anything_triton_specializes_on_makes_a_new_key(direct, monkeypatch, change):
     fn = FakeJit()
@@ -89,6 +96,8 @@ def test_anything_triton_specializes_on_makes_a_new_key(direct, monkeypatch, cha
         options["num_warps"] = 8
     elif change == "constexpr":
         args["FLAG"] = False
+    elif change == "debug knob":
+        monkeypatch.setattr(direct, "knobs", fake_knobs(debug=True))
     else:
         monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     kernel[(1,)](**args, **options)
@@ -103,16 +112,23 @@ def test_equal_arguments_in_fresh_tensors_reuse_the_key(direct):
     assert [entry[0] for entry in fn.log] == ["jit", "direct", "direct"]
 
 
-def test_jit_path_when_off_or_other_options(direct, monkeypatch):
+@pytest.mark.parametrize("reason", ["DIRECT off", "other option", "launch hook", "pre-run hook"])
+def test_jit_path(direct, monkeypatch, reason):
     fn = FakeJit()
     kernel = direct.Launcher(fn)
     a = torch.zeros(4)
-    for _ in range(2):
-        kernel[(1,)](a, 4, a, True, num_ctas=1)  # an option the key does not hold
-    monkeypatch.setattr(direct, "DIRECT", False)
-    for _ in range(2):
-        kernel[(1,)](a, 4, a, True)
-    assert [entry[0] for entry in fn.log] == ["jit"] * 4
+    options = {}
+    if reason == "DIRECT off":
+        monkeypatch.setattr(direct, "DIRECT", False)
+    elif reason == "other option":
+        options = dict(num_ctas=1)  # an option the key does not hold
+    elif reason == "launch hook":
+        monkeypatch.setattr(direct, "knobs", fake_knobs(enter=print))
+    else:
+        fn.pre_run_hooks.append(print)
+    for _ in range(3):
+        kernel[(1,)](a, 4, a, True, **options)
+    assert [entry[0] for entry in fn.log] == ["jit"] * 3
 
 
 def test_key_cache_is_bounded(direct, monkeypatch):
@@ -136,8 +152,7 @@ class Chain:
     [(Chain([]), Chain([]), True), (None, None, True), (Chain([print]), Chain([]), False), (print, None, False)],
 )
 def test_no_hooks(launch, monkeypatch, enter, exit_, expected):
-    runtime = SimpleNamespace(launch_enter_hook=enter, launch_exit_hook=exit_)
-    monkeypatch.setattr(launch, "knobs", SimpleNamespace(runtime=runtime), raising=False)
+    monkeypatch.setattr(launch, "knobs", fake_knobs(enter, exit_), raising=False)
     assert launch._no_hooks() is expected
 
 

@@ -1,21 +1,23 @@
 """Kernel launches with less host time than Triton's own launch path.
 
-At small batches the MoE block is bound by the host issuing its ~20 kernels a step, and much
-of a launch's host time is Triton's JITFunction.run: on every call it binds each argument,
-computes its specialization, builds and hashes the cache key, checks globals, and builds launch
-metadata for the launch hooks. A `Launcher` keeps, per kernel, the compiled kernels under a key
-made of the arguments themselves, which fixes that specialization: each tensor's dtype and
-address modulo 16 (Triton specializes on 16-byte alignment), each tensor descriptor's base
-(dtype, alignment), shape, strides and block shape, every other argument's exact type and value,
-the launch options and the current device. A key seen before launches its compiled kernel
-directly (CompiledKernel.run, the call JITFunction.run ends with, on the same arguments); a new
-key goes through JITFunction.run, which compiles where needed, and is remembered. Both paths run
-the same compiled kernel on the same arguments: the same bits.
+At small batches the MoE block is bound by the host issuing its ~20 kernels a step, and much of
+a launch's host time is Triton's JITFunction.run: on every call it binds each argument, computes
+its specialization, builds and hashes the cache key, checks globals and builds launch metadata
+for the launch hooks. A `Launcher` keeps, per kernel, the compiled kernels under a key made of
+the arguments themselves, which fixes that specialization: each tensor's dtype and address
+modulo 16 (Triton specializes on 16-byte alignment), each tensor descriptor's base (dtype,
+alignment), shape, strides and block shape, every other argument's exact type and value, the
+launch options, the knobs JITFunction.run adds to them (debug, instrumentation) and the current
+device. A key seen before launches its compiled kernel directly (CompiledKernel.run, the call
+JITFunction.run ends with, on the same arguments); a new key goes through JITFunction.run, which
+compiles where needed, and is remembered. Both paths run the same compiled kernel on the same
+arguments: the same bits (benchmarks/RESULTS.md, 2026-12-07: 1.0 ms less host time a 2048-token
+forward+backward step of the 30B-A3B block).
 
 The direct path is taken only with the Triton versions whose launch convention was checked
-(DIRECT_VERSIONS), where CUDA is available, outside the interpreter, and with no launch hooks installed
-(profilers such as proton install them); otherwise every launch goes through JITFunction.run.
-Set DIRECT = False to send every launch there (read at each call).
+(DIRECT_VERSIONS), where CUDA is available, outside the interpreter, and with no launch or
+pre-run hooks installed (profilers such as proton install them); otherwise every launch goes
+through JITFunction.run. Set DIRECT = False to send every launch there (read at each call).
 """
 
 import torch
@@ -27,7 +29,8 @@ DIRECT = True
 # Triton releases whose JITFunction.run ends with
 #   kernel.run(grid_0, grid_1, grid_2, stream, kernel.function, kernel.packed_metadata,
 #              launch_metadata, enter_hook, exit_hook, *bound_args.values())
-# with every argument in signature order, constexprs included.
+# with every argument in signature order, constexprs included (3.6: run on the GPU image; 3.9: the
+# same code, read in its source, not run on a GPU here).
 DIRECT_VERSIONS = ("3.6.", "3.9.")
 # New keys past this many (one per distinct token count at decode, for instance) clear the cache.
 MAX_KEYS = 4096
@@ -47,6 +50,13 @@ def _no_hooks() -> bool:
         if hook is not None and getattr(hook, "calls", True):
             return False
     return True
+
+
+def _knobs_key() -> tuple:
+    """The knobs JITFunction.run adds to every launch's compile options (triton 3.9 adds the last)."""
+    compilation = knobs.compilation
+    return (knobs.runtime.debug, compilation.instrumentation_mode,
+            getattr(compilation, "fpsan_homomorphic_casts", None))  # fmt: skip
 
 
 _TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
@@ -85,13 +95,13 @@ class Launcher:
         return lambda *args, **kwargs: self.launch(grid, args, kwargs)
 
     def launch(self, grid, args, kwargs):
-        if not (DIRECT and _DIRECT_OK and _no_hooks()):
+        if not (DIRECT and _DIRECT_OK and _no_hooks()) or self.fn.pre_run_hooks:
             return self.fn.run(*args, grid=grid, warmup=False, **kwargs)
         params = [*args, *(kwargs[name] for name in self.arg_names[len(args):])]
         if len(args) + len(kwargs) != len(params) + ("num_warps" in kwargs) + ("num_stages" in kwargs):
             return self.fn.run(*args, grid=grid, warmup=False, **kwargs)  # other launch options
         device = torch.cuda.current_device()
-        key = (device, kwargs.get("num_warps"), kwargs.get("num_stages"), _key(params))
+        key = (device, kwargs.get("num_warps"), kwargs.get("num_stages"), _knobs_key(), _key(params))
         compiled = self.compiled.get(key)
         if compiled is None:
             compiled = self.fn.run(*args, grid=grid, warmup=False, **kwargs)
