@@ -132,7 +132,7 @@ PY
     cat "$out/confirm_235b_dswiglu.log"
     ;;
   launch)
-    python3 scripts/host_breakdown.py --tokens 2048 > "$out/host_breakdown_t2048.log" 2>&1
+    python3 scripts/host_breakdown.py --tokens 2048 --profile > "$out/host_breakdown_t2048.log" 2>&1
     python3 $bench --cases 30b-t2048,30b-t64 --impls grouped_mm,ours-jit,ours --modes full,lora \
       --lora-cases 30b-t2048 --json "$out/block_launch.json" > "$out/block_launch.log" 2>&1
     python3 scripts/host_breakdown.py --tokens 64 > "$out/host_breakdown_t64.log" 2>&1

@@ -8,9 +8,11 @@ Prints, in microseconds of host time per call (calls issued back to back, GPU no
     launcher), through launch.Launcher's direct path, and the compiled kernel's own launcher
     (CompiledKernel.run) on the same arguments;
   * whether both launch paths give the same output and gradients, bit for bit, and the step's
-    host and GPU time with launch.DIRECT off and on.
+    host and GPU time with launch.DIRECT off and on;
+  * with --profile, a torch.profiler table (CPU time by op and autograd node) of the step with
+    the Triton launches stubbed: where the rest of the host time goes.
 
-    python3 scripts/host_breakdown.py [--tokens 2048] [--calls 200]
+    python3 scripts/host_breakdown.py [--tokens 2048] [--calls 100] [--profile]
 """
 
 import argparse
@@ -48,6 +50,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--calls", type=int, default=100)
+    parser.add_argument("--profile", action="store_true", help="torch.profiler table of the stubbed step")
     args = parser.parse_args()
     kernel = load_kernel()
     launch = importlib.import_module(kernel.__name__ + ".launch")
@@ -93,6 +96,15 @@ def main():
     torch.cuda.synchronize()
     JITFunction.run = lambda self, *a, grid, warmup, **kw: None
     stubbed = {name: host_us(fn, args.calls) for name, fn in (("fwd", fwd), ("fwd+bwd", step))}
+    if args.profile:  # what the host does besides Triton's launches: torch ops, autograd nodes, our Python
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(20):
+                step()
+        torch.cuda.synchronize()
+        print("Triton launches stubbed, 20 fwd+bwd steps:")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60))
     JITFunction.run = original_run
     torch.cuda.synchronize()
 
