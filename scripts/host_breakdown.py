@@ -19,7 +19,6 @@ import argparse
 import collections
 import importlib
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -30,20 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from _load import load_kernel  # noqa: E402
 from block_side_by_side import Case, make_block  # noqa: E402
 
-
-def host_us(fn, calls, repeats=3):
-    """Best of repeats of the mean host time of calls back-to-back calls."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.perf_counter() - start) / calls)
-        torch.cuda.synchronize()
-    return 1e6 * best
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_launch import host_us  # noqa: E402
 
 
 def main():
@@ -130,9 +117,9 @@ def main():
         launch.DIRECT = True
         entry = per_kernel[fn.__name__]
         entry[0] += 1
-        entry[1] += host_us(through_jit, 200)
-        entry[2] += host_us(through_launcher, 200)
-        entry[3] += host_us(direct, 200)
+        entry[1] += host_us(through_jit, 200, repeats=3)
+        entry[2] += host_us(through_launcher, 200, repeats=3)
+        entry[3] += host_us(direct, 200, repeats=3)
         entry[4] = len(params)
     print("| kernel | launches a step | args | JITFunction.run us | Launcher us | CompiledKernel.run us |")
     print("|---|---|---|---|---|---|")
