@@ -15,7 +15,7 @@ arguments: the same bits (benchmarks/RESULTS.md, 2026-12-07: 1.0 ms less host ti
 forward+backward step of the 30B-A3B block).
 
 The direct path is taken only with the Triton versions whose launch convention was checked
-(DIRECT_VERSIONS), where CUDA is available, outside the interpreter, and with no launch or
+(DIRECT_VERSIONS), on NVIDIA GPUs (CUDA builds of torch), outside the interpreter, with no launch or
 pre-run hooks installed (profilers such as proton install them); otherwise every launch goes
 through JITFunction.run. Set DIRECT = False to send every launch there (read at each call).
 """
@@ -35,7 +35,10 @@ DIRECT_VERSIONS = ("3.6.", "3.9.")
 # New keys past this many (one per distinct token count at decode, for instance) clear the cache.
 MAX_KEYS = 4096
 
-_DIRECT_OK = not INTERPRET and triton.__version__.startswith(DIRECT_VERSIONS) and torch.cuda.is_available()
+_DIRECT_OK = (
+    not INTERPRET and triton.__version__.startswith(DIRECT_VERSIONS) and torch.version.hip is None
+    and torch.cuda.is_available()
+)  # fmt: skip
 if _DIRECT_OK:
     from triton import knobs
     from triton.runtime import driver
