@@ -137,16 +137,16 @@ def _configure(kernel, impl):
 
     options = OURS_OPTIONS.get(impl, OURS_OPTIONS["ours"])
     tuning = kernel.tuning
-    shipped = _SHIPPED.setdefault(
+    shipped_fuse, shipped_dw, shipped_sort_rows = _SHIPPED.setdefault(
         "state", (tuning.FUSE_DSWIGLU, kernel.functional.dw_config, tuning.SORT_BEFORE_DW_ROWS_PER_EXPERT)
     )
-    tuning.FUSE_DSWIGLU = shipped[0] if options.fuse_dswiglu is None else options.fuse_dswiglu
+    tuning.FUSE_DSWIGLU = shipped_fuse if options.fuse_dswiglu is None else options.fuse_dswiglu
     tuning.FUSED_ROUTER = options.fused_router
-    tuning.SORT_BEFORE_DW_ROWS_PER_EXPERT = options.sort_rows_per_expert or shipped[2]
+    tuning.SORT_BEFORE_DW_ROWS_PER_EXPERT = options.sort_rows_per_expert or shipped_sort_rows
     importlib.import_module(kernel.__name__ + ".launch").DIRECT = options.direct_launch
     persistent = options.dw_persistent
     kernel.functional.dw_config = (
-        (lambda *a, **kw: replace(shipped[1](*a, **kw), persistent=persistent)) if persistent else shipped[1]
+        (lambda *a, **kw: replace(shipped_dw(*a, **kw), persistent=persistent)) if persistent else shipped_dw
     )
 
 
