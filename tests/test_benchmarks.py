@@ -25,3 +25,17 @@ def test_benchmark_moe_off_gpu_is_a_named_smoke_run():
     assert result.stdout.strip() == "['SmokeTiny_H64_I32_E8_K2']"
     assert "SMOKE run of the tiny shape H 64, I 32, E 8, K 2" in result.stderr
     assert "not figures" in result.stderr
+
+
+def test_host_cpu_models_every_launch_of_the_compiled_path():
+    """scripts/host_cpu.py runs the layer's CUDA host path on the CPU with stand-in kernels: every
+    launch of a 64-token step goes through them (5 in the forward: router top-k, routing, the two
+    GEMMs, combine; 7 more in the backward)."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "host_cpu.py"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, str(script), "--tokens", "64"], env=env, capture_output=True, text=True,
+                            timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    cells = [[c.strip() for c in line.split("|")] for line in result.stdout.splitlines()]
+    launches = {row[2]: row[6] for row in cells if row[1:2] == ["64"]}  # | tokens | step | ... | launches |
+    assert launches == {"fwd": "5", "fwd+bwd": "12"}, result.stdout

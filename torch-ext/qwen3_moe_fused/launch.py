@@ -62,27 +62,13 @@ def _knobs_key() -> tuple:
             getattr(compilation, "fpsan_homomorphic_casts", None))  # fmt: skip
 
 
-_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
-
-
 def _other_key(value):
-    """_key's part for an argument that is neither an int nor a plain tensor nor None."""
-    if isinstance(value, torch.Tensor):
-        return value.dtype, value.data_ptr() & 15
+    """The key's part for an argument that is neither an int, None nor a tensor."""
     if TensorDescriptor is not None and isinstance(value, TensorDescriptor):
         base = value.base
         return (TensorDescriptor, base.dtype, base.data_ptr() & 15, tuple(value.shape), tuple(value.strides),
                 tuple(value.block_shape), value.padding)  # fmt: skip
     return type(value), value  # bools and floats apart from equal ints
-
-
-def _key(params: list) -> tuple:
-    """The arguments' part of the cache key (module docstring); one comprehension, since this
-    runs on every launch."""
-    return tuple([
-        p if type(p) is int else (p.dtype, p.data_ptr() & 15) if type(p) in _TENSOR_TYPES else
-        None if p is None else _other_key(p) for p in params
-    ])  # fmt: skip
 
 
 class Launcher:
@@ -98,13 +84,18 @@ class Launcher:
         return lambda *args, **kwargs: self.launch(grid, args, kwargs)
 
     def launch(self, grid, args, kwargs):
-        if not (DIRECT and _DIRECT_OK and _no_hooks()) or self.fn.pre_run_hooks:
+        if not (DIRECT and _DIRECT_OK) or self.fn.pre_run_hooks or not _no_hooks():
             return self.fn.run(*args, grid=grid, warmup=False, **kwargs)
-        params = [*args, *(kwargs[name] for name in self.arg_names[len(args):])]
-        if len(args) + len(kwargs) != len(params) + ("num_warps" in kwargs) + ("num_stages" in kwargs):
+        options = ("num_warps" in kwargs) + ("num_stages" in kwargs)
+        if len(args) + len(kwargs) - options != len(self.arg_names):
             return self.fn.run(*args, grid=grid, warmup=False, **kwargs)  # other launch options
+        params = [*args, *map(kwargs.__getitem__, self.arg_names[len(args):])]
         device = torch.cuda.current_device()
-        key = (device, kwargs.get("num_warps"), kwargs.get("num_stages"), _knobs_key(), _key(params))
+        # The key (module docstring), flat and built in one comprehension: this runs on every launch.
+        key = (device, kwargs.get("num_warps"), kwargs.get("num_stages"), *_knobs_key(), *[
+            p if type(p) is int or p is None else (p.dtype, p.data_ptr() & 15) if isinstance(p, torch.Tensor)
+            else _other_key(p) for p in params
+        ])  # fmt: skip
         compiled = self.compiled.get(key)
         if compiled is None:
             compiled = self.fn.run(*args, grid=grid, warmup=False, **kwargs)
