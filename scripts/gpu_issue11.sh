@@ -30,9 +30,11 @@
 #                                         same-bits check (scripts/host_breakdown.py, 2048 and 64 tokens), the
 #                                         blocks at 64 and 2048 tokens (ours-jit = direct path off, same
 #                                         process), the GPU tests of the launcher, GEMMs and experts
-#   bash scripts/gpu_issue11.sh launch-final  the blocks at 2048 and 64 tokens: grouped_mm, ours-jit, ours and
-#                                         ours-gatherdw (dW operands gathered at 2048 tokens), then the GPU
-#                                         tests of CUDA graphs, torch.compile, LoRA, 4-bit, router (bounded)
+#   bash scripts/gpu_issue11.sh launch-final  the GPU tests of CUDA graphs, torch.compile, LoRA, 4-bit, router
+#                                         and the launcher's same bits (bounded), the blocks at 2048 and 64
+#                                         tokens: grouped_mm, ours-jit, ours and ours-gatherdw (dW operands
+#                                         gathered at 2048 tokens), host_breakdown at 64 tokens with its
+#                                         profile, host_cpu.py (this host's CPU against a CPU machine's)
 #   bash scripts/gpu_issue11.sh dswiglu   the dSwiGLU epilogue in quarters: old build (build-old/
 #                                         torch-cuda, from the commit before) against new, the
 #                                         down_dx_swiglu keys retuned, the blocks (JSON in $OUT)
@@ -142,13 +144,16 @@ PY
     grep -hE "^\| |same output" "$out"/host_breakdown_t*.log "$out/block_launch.log"
     ;;
   launch-final)
+    timeout "${TEST_S:-240}" python3 -m pytest -q -m gpu tests/test_gpu.py tests/test_quant_format.py \
+      tests/test_launch.py -k "cuda_graph or torch_compile or lora_bf16 or 4bit or router_topk or cuda_matches or same_bits" \
+      > "$out/test_gpu_launch.log" 2>&1
     python3 $bench --cases 30b-t2048,30b-t64 --impls grouped_mm,ours-jit,ours,ours-gatherdw \
       --json "$out/block_launch_final.json" > "$out/block_launch_final.log" 2>&1
-    grep -E "^\| " "$out/block_launch_final.log"
-    timeout "${TEST_S:-150}" python3 -m pytest -q -m gpu tests/test_gpu.py tests/test_quant_format.py \
-      -k "cuda_graph or torch_compile or lora_bf16 or 4bit or router_topk or cuda_matches" \
-      > "$out/test_gpu_launch.log" 2>&1
+    timeout 120 python3 scripts/host_breakdown.py --tokens 64 --profile > "$out/host_breakdown_t64.log" 2>&1
+    timeout 60 python3 scripts/host_cpu.py --tokens 64,2048 > "$out/host_cpu.log" 2>&1  # this host's CPU against ours
     tail -n 1 "$out/test_gpu_launch.log"
+    grep -E "^\| " "$out/block_launch_final.log" "$out/host_cpu.log"
+    grep -hE "^\| (fwd|step)|stubbed|same output" "$out/host_breakdown_t64.log"
     ;;
   dswiglu)
     python3 scripts/compare_dswiglu.py build-old/torch-cuda build/torch-cuda > "$out/compare_dswiglu.log" 2>&1
