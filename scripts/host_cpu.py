@@ -8,8 +8,8 @@ cuBLAS runs the router's matmuls asynchronously), with:
   * functional._use_triton forced on, so the CUDA path's glue runs (routing, configs, launches);
   * every kernel launched through launch.Launcher's direct path, its compiled kernel a stand-in
     whose launcher returns at once (Triton is not called after the first launch of a key);
-  * the router's linear layer and its backward on the CPU (real matmuls, small at this size; at
-    2048 tokens still some tens of microseconds of the step).
+  * the router's linear layer and its backward on the CPU (real matmuls: the table shows their
+    share, small at 64 tokens, most of the step at 2048).
 Not modelled: CUDA's own costs (caching allocator, cuBLAS, kernel-launch driver calls, TMA
 descriptor encoding), which a GPU host adds; scripts/host_breakdown.py measures those on the GPU.
 
