@@ -61,20 +61,35 @@ def _step(call, router, x, grad):
     "module,cls_name,config_name,norm",
     [(*r[:3], norm) for r in ROUTERS for norm in ([True, False] if r[3] else [True])],
 )
-def test_call_gate_matches_transformers_router(kernel, module, cls_name, config_name, norm):
+@pytest.mark.parametrize("hook", ["gate's", "global", None])
+def test_call_gate_matches_transformers_router(kernel, module, cls_name, config_name, norm, hook):
     """call_gate runs the router's top-k softmax in our kernels (one forward and one backward
-    launch) and gives Transformers' outputs and gradients; the gate's hooks still see them."""
+    launch) and gives Transformers' outputs and gradients; hooks on the gate, or on every module,
+    still see them (without any, the gate's forward is called directly)."""
     router = _router(module, cls_name, config_name, hidden=24, num_experts=12, top_k=3, norm=norm)
     x = torch.randn(2, 19, 24, generator=torch.Generator().manual_seed(1))
     grad = torch.randn(38, 3, generator=torch.Generator().manual_seed(2))
     seen = []
-    router.register_forward_hook(lambda module, args, output: seen.append(output))
-    with kernel_activity(kernel) as activity:
-        ours = _step(kernel.gate.call_gate, router, x, grad)
+
+    def record(module, args, output):
+        if module is router:
+            seen.append(output)
+
+    handle = None
+    if hook == "gate's":
+        handle = router.register_forward_hook(record)
+    elif hook == "global":
+        handle = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        with kernel_activity(kernel) as activity:
+            ours = _step(kernel.gate.call_gate, router, x, grad)
+        ref = _step(type(router).__call__, router, x, grad)
+    finally:
+        if handle is not None:
+            handle.remove()
     assert activity["ops"] == {"router_topk_fwd": 1, "router_topk_bwd": 1}, activity
     assert "forward" not in vars(router)  # the class forward is back
-    ref = _step(type(router).__call__, router, x, grad)
-    assert len(seen) == 2 and seen[0][1] is ours[1]
+    assert len(seen) == (0 if hook is None else 2) and all(s[1] is ours[1] for s in seen[:1])
     assert torch.equal(ours[0], ref[0])  # the same linear layer
     assert torch.equal(ours[2], ref[2]) and ours[2].dtype == torch.int64
     assert rel_err(ours[1], ref[1]) < 1e-6

@@ -46,11 +46,23 @@ def _runs_class_forward(gate: nn.Module) -> bool:
     )
 
 
+# nn.Module.__call__'s own test for global hooks (torch 2.11 and 2.13); without it, assume some.
+_any_global_hook = getattr(torch.nn.modules.module, "_has_any_global_hook", lambda: True)
+
+
+def _calls_hooks(gate: nn.Module) -> bool:
+    """Whether gate(x) would run more than its forward: hooks of the gate or global ones, tracing."""
+    own = gate._forward_hooks or gate._forward_pre_hooks or gate._backward_hooks or gate._backward_pre_hooks
+    return bool(own) or bool(_any_global_hook()) or torch._C._get_tracing_state() is not None
+
+
 def call_gate(gate: nn.Module, x: torch.Tensor):
     """gate(x), with _gate_forward as the forward for this call where the gate runs its class's
     own forward (tuning.FUSED_ROUTER; not while compiling: there Inductor fuses the router)."""
     if not tuning.FUSED_ROUTER or torch.compiler.is_compiling() or not _runs_class_forward(gate):
         return gate(x)
+    if not _calls_hooks(gate):  # what gate(x) would run, without nn.Module's attribute set and call
+        return _gate_forward(gate, x)
     # An instance attribute for the length of the call (nn.Module.__call__ reads self.forward):
     # one module called from two threads at once would see each other's.
     gate.forward = _gate_forward.__get__(gate)
