@@ -341,14 +341,19 @@ def _(grad_out, x, gate_up, down, top_k_index, top_k_weights, gate_up_a, gate_up
     )  # fmt: skip
 
 
-def _experts_setup_context(ctx, inputs, output):
+def _save_for_backward(ctx, inputs, output):
+    """What the backward reads: the inputs, the saved pre-activation h, x_l and the routing."""
     x, gate_up, down, top_k_index, top_k_weights, gate_up_a, gate_up_b, down_a, down_b, nf4, block_m, save_h = inputs
     out, h, x_l, *routing = output
-    ctx.mark_non_differentiable(h, x_l, *routing)
     ctx.save_for_backward(
         x, gate_up, down, top_k_index, top_k_weights, gate_up_a, gate_up_b, down_a, down_b, h, x_l, *routing
     )
     ctx.nf4, ctx.block_m = nf4, block_m
+
+
+def _experts_setup_context(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output[1:])
+    _save_for_backward(ctx, inputs, output)
 
 
 def _experts_backward(ctx, grad_out, bwd):
@@ -388,22 +393,21 @@ torch.library.register_autograd(
 
 
 class _Experts(torch.autograd.Function):
-    """experts_fwd_op and its autograd outside torch.compile, without the custom-op dispatch."""
+    """experts_fwd_op and its autograd outside torch.compile, without the custom-op dispatch:
+    the output alone, with h, x_l and the routing kept for the backward as intermediates
+    (fewer outputs for apply() to wrap: host time that decode pays per layer)."""
 
     # forward takes ctx: a separate setup_context would make apply() bind its arguments
-    # through inspect.signature on every call (host time that decode pays per layer).
+    # through inspect.signature on every call.
     @staticmethod
     def forward(ctx, *inputs):
         output = _experts_fwd(*inputs)
-        _experts_setup_context(ctx, inputs, output)
-        # The saved h, x_l and routing never get gradients: without this, autograd would fill a
-        # zero (T*K, 2I) gradient for h on every backward (0.12 ms and 400 MB at 16384 tokens).
-        ctx.set_materialize_grads(False)
-        return output
+        _save_for_backward(ctx, inputs, output)
+        return output[0]
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out, *_):
+    def backward(ctx, grad_out):
         return _experts_backward(ctx, grad_out, _experts_bwd)
 
 
@@ -443,8 +447,9 @@ def moe_experts(x, gate_up, down, top_k_index, top_k_weights, gate_up_lora=None,
     block_m = block_m_for(top_k_index.numel(), _shapes(gate_up, down, nf4)[0])
     inputs = (x.contiguous(), gate_up, down, top_k_index.contiguous(), top_k_weights.contiguous(), *lora)
     save_h = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
-    experts = experts_fwd_op if torch.compiler.is_compiling() else _Experts.apply
-    return experts(*inputs, nf4, block_m, save_h)[0]
+    if torch.compiler.is_compiling():
+        return experts_fwd_op(*inputs, nf4, block_m, save_h)[0]
+    return _Experts.apply(*inputs, nf4, block_m, save_h)
 
 
 def moe_experts_forward(
