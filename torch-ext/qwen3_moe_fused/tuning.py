@@ -217,6 +217,9 @@ def dw_key(kind: str, m: int, n: int, block_m: int) -> str:
     return f"{kind}|M={m}|N={n}|BM={block_m}"
 
 
+# A pure function of its arguments (the shipped JSON is read once a device): cached, since every
+# GEMM launch asks.
+@functools.lru_cache(maxsize=4096)
 def gemm_config(kind: str, n: int, k: int, block_m: int, device: torch.device, lora: bool = False) -> GemmConfig:
     """Config of a routed GEMM (grouped_gemm/forward.py); lora: with the LoRA term in its
     epilogue, which has its own entries ("<kind>+lora") where tuned."""
@@ -224,6 +227,7 @@ def gemm_config(kind: str, n: int, k: int, block_m: int, device: torch.device, l
     return found or _lookup(device, gemm_key(kind, n, k, block_m)) or default_gemm_config(kind, block_m)
 
 
+@functools.lru_cache(maxsize=4096)
 def dw_config(kind: str, m: int, n: int, block_m: int, device: torch.device) -> DwConfig:
     """Config of a weight-gradient GEMM (grouped_gemm/backward_dw.py); block_m tracks rows per expert."""
     return _lookup(device, dw_key(kind, m, n, block_m)) or default_dw_config(kind, m, n)
