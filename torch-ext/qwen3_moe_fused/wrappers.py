@@ -73,7 +73,9 @@ def parametrized_lora(module: nn.Module, name: str) -> tuple[torch.Tensor, tuple
     as it is (no LoRA). Without a parametrization: (the tensor, None). 4-bit tensors under
     PEFT's parametrization raise a ValueError (PEFT casts the factors to uint8).
     """
-    parametrizations = getattr(module, "parametrizations", None)
+    # torch.nn.utils.parametrize keeps them as a submodule: read there, not through a getattr that
+    # raises and catches AttributeError for every module without (most of them, on every forward).
+    parametrizations = module._modules.get("parametrizations")
     if parametrizations is None or name not in parametrizations:
         return expert_tensor(module, name), None
     chain = parametrizations[name]
