@@ -75,7 +75,10 @@ def parametrized_lora(module: nn.Module, name: str) -> tuple[torch.Tensor, tuple
     """
     # torch.nn.utils.parametrize keeps them as a submodule: read there, not through a getattr that
     # raises and catches AttributeError for every module without (most of them, on every forward).
-    parametrizations = module._modules.get("parametrizations")
+    # Not every caller passes an nn.Module (shared_expert.py's stacked view).
+    submodules = getattr(module, "_modules", None)
+    parametrizations = (submodules.get("parametrizations") if submodules is not None
+                        else getattr(module, "parametrizations", None))  # fmt: skip
     if parametrizations is None or name not in parametrizations:
         return expert_tensor(module, name), None
     chain = parametrizations[name]
