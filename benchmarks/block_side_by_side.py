@@ -103,6 +103,25 @@ def make_block(case: Case, device, dtype):
     return block, block_cls
 
 
+def layer_calls(kernel, case: Case, device, dtype):
+    """Our layer on a fresh block of case: (fwd, step), its forward and its forward+backward
+    (gradients of the hidden states and every weight for a random output gradient), the calls
+    the host-time scripts time."""
+    block, block_cls = make_block(case, device, dtype)
+    x = torch.randn(1, case.tokens, case.hidden, device=device, dtype=dtype, requires_grad=True)
+    layer = getattr(kernel.layers, block_cls).forward
+    grad_out = torch.randn_like(x)
+    targets = [x, *block.parameters()]
+
+    def fwd():
+        return layer(block, x)
+
+    def step():
+        return torch.autograd.grad(layer(block, x), targets, grad_out)
+
+    return fwd, step
+
+
 def case_flops(case: Case) -> int:
     """Forward FLOPs of the experts (routed and shared); forward+backward is 3x."""
     return 2 * case.tokens * 3 * case.hidden * (case.top_k * case.inter + case.shared)

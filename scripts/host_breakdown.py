@@ -27,7 +27,7 @@ from triton.runtime.jit import JITFunction
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from _load import load_kernel  # noqa: E402
-from block_side_by_side import Case, make_block  # noqa: E402
+from block_side_by_side import Case, layer_calls  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_launch import host_us  # noqa: E402
@@ -41,17 +41,8 @@ def main():
     args = parser.parse_args()
     kernel = load_kernel()
     launch = importlib.import_module(kernel.__name__ + ".launch")
-    block, _ = make_block(Case("qwen3_moe", 2048, 768, 128, 8, args.tokens), torch.device("cuda"), torch.bfloat16)
-    x = torch.randn(1, args.tokens, 2048, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    layer = kernel.layers.Qwen3MoeSparseMoeBlock.forward
-    grad_out = torch.randn_like(x)
-    targets = [x, *block.parameters()]
-
-    def fwd():
-        return layer(block, x)
-
-    def step():
-        return torch.autograd.grad(layer(block, x), targets, grad_out)
+    case = Case("qwen3_moe", 2048, 768, 128, 8, args.tokens)
+    fwd, step = layer_calls(kernel, case, torch.device("cuda"), torch.bfloat16)
 
     # The same bits through both launch paths.
     results = {}

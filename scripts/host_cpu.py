@@ -29,7 +29,6 @@ import importlib
 import os
 import pstats
 import sys
-import time
 import traceback
 from pathlib import Path
 from types import SimpleNamespace
@@ -42,7 +41,10 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from _load import load_kernel  # noqa: E402
-from block_side_by_side import Case, make_block  # noqa: E402
+from block_side_by_side import Case, layer_calls  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_launch import host_us  # noqa: E402
 
 
 class _Compiled:
@@ -97,17 +99,6 @@ class _Ops(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _host_us(fn, calls=200, repeats=15) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.perf_counter() - start) / calls)
-    return 1e6 * best
-
-
 def _compute_us(fn, calls=20) -> float:
     """Mean self CPU time a call of the matmuls and the gradient sum: real CPU compute that on
     the GPU runs asynchronously."""
@@ -137,21 +128,11 @@ def main():
     _fake_launches(kernel)
     device = torch.device("cpu")
     torch.set_num_threads(1)  # the host path is one thread; the CPU matmuls below stay small
-    layer = kernel.layers.Qwen3MoeSparseMoeBlock.forward
     package_dir = Path(kernel.__file__).parent.name
     rows = []
     for tokens in map(int, args.tokens.split(",")):
-        block, _ = make_block(Case("qwen3_moe", args.hidden, args.inter, 128, 8, tokens), device, torch.float32)
-        x = torch.randn(1, tokens, args.hidden, device=device, requires_grad=True)
-        grad_out = torch.randn_like(x)
-        targets = [x, *block.parameters()]
-
-        def fwd():
-            return layer(block, x)
-
-        def step():
-            return torch.autograd.grad(layer(block, x), targets, grad_out)
-
+        case = Case("qwen3_moe", args.hidden, args.inter, 128, 8, tokens)
+        fwd, step = layer_calls(kernel, case, device, torch.float32)
         for name, fn in (("fwd", fwd), ("fwd+bwd", step)):
             fn()
             ops = _Ops(package_dir)
@@ -159,7 +140,7 @@ def main():
             with ops:
                 fn()
             launches = _Compiled.launches
-            host, compute = _host_us(fn), _compute_us(fn)
+            host, compute = host_us(fn, 200, repeats=15), _compute_us(fn)
             rows.append((tokens, name, host, compute, sum(ops.ops.values()), launches, _python_calls(fn)))
             if args.ops:
                 print(f"tokens {tokens} {name}: aten ops and the line of the package that issued them")
