@@ -185,7 +185,6 @@ def dequantize_first(num_rows: int, num_experts: int) -> bool:
 DEQUANTIZE_FIRST_ROWS_PER_EXPERT = 256
 
 
-@functools.lru_cache(maxsize=None)
 def default_gemm_config(kind: str, block_m: int) -> GemmConfig:
     if INTERPRET:
         return GemmConfig(block_n=32, block_k=32, group_m=4, num_warps=4, num_stages=1)
@@ -199,7 +198,6 @@ def default_gemm_config(kind: str, block_m: int) -> GemmConfig:
     return GemmConfig(block_n=block_n, block_k=64, group_m=8, num_warps=num_warps, num_stages=3)
 
 
-@functools.lru_cache(maxsize=None)
 def default_dw_config(kind: str, m: int, n: int) -> DwConfig:
     if INTERPRET:
         return DwConfig(block_m=32, block_n=32, block_k=16, num_warps=4, num_stages=1)
