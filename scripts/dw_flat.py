@@ -7,7 +7,7 @@ an SM; each flat result is checked bit for bit against the same tile without fla
 triton.testing.do_bench, TFLOP/s, a table last.
 
 Run on a CUDA machine after `python3 scripts/build.py` (it imports build/torch-cuda):
-    python3 scripts/dw_flat.py [--json best.json]
+    python3 scripts/dw_flat.py [--json best.json] [--quick]
 --json writes the fastest config of each dW key ({dw key: config JSON}, tuning.dw_key with the
 routing's block_m; flat ones only where bit-equal), to merge into configs/<device>.json.
 """
@@ -34,7 +34,9 @@ def describe(cfg) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", help="write the fastest config of each dW key here ({dw key: config JSON})")
+    parser.add_argument("--quick", action="store_true", help="only the first two tiles (a short device call)")
     args = parser.parse_args()
+    tiles = TILES[:2] if args.quick else TILES
 
     # GPU work only from here: --help needs neither a GPU nor the build.
     from dataclasses import replace
@@ -97,7 +99,7 @@ def main():
             shipped = tuning.dw_config(kind, m, n, block_m, dev)
             print(f"  {kind} M={m} N={n}: {flops / 1e12:.2f} TFLOP; shipped:", flush=True)
             shipped_ms = timed(shipped)
-            for bm, bn, bk, warps, stages in TILES:
+            for bm, bn, bk, warps, stages in tiles:
                 base = DwConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages, tma=True)
                 base_ms = timed(base)
                 if base_ms is None:
