@@ -1,4 +1,3 @@
-import importlib
 from dataclasses import replace
 
 import pytest
@@ -175,17 +174,6 @@ class _Experts4bit(torch.nn.Module):
         self.down_proj = torch.nn.Parameter(down.clone(), requires_grad=False)
 
 
-class _Spy:
-    """Stands in for a kernel: appends each launch's grid to `grids`, then launches it."""
-
-    def __init__(self, kernel, grids):
-        self.kernel, self.grids = kernel, grids
-
-    def __getitem__(self, grid):
-        self.grids.append(grid)
-        return self.kernel[grid]
-
-
 BACKWARD_OPTION_CASES = {
     # name: (T, H, I, E, K, routing mode), dtype, LoRA rank or None, 4-bit
     "dense": ((37, 48, 40, 8, 3, "random"), torch.float32, None, False),
@@ -203,7 +191,7 @@ def test_backward_options_match(kernel, monkeypatch, case):
     fused into the down_dx GEMM (tuning.FUSE_DSWIGLU; the routing-weight gradient is summed
     in another order: within float32 rounding), the dW GEMMs on a persistent grid, and on the
     token rows copied into sorted order (tuning.SORT_BEFORE_DW; with and without TMA
-    descriptors for both operands, and the flat kernel): the same bits."""
+    descriptors for both operands): the same bits."""
     shape, dtype, rank, four_bit = BACKWARD_OPTION_CASES[case]
     x, gate_up, down, ids, weights = _inputs(*shape, dtype=dtype)
     ids[::4, -1] = shape[3]  # a few sentinel ids: no expert, zero contribution and gradient
@@ -246,24 +234,13 @@ def test_backward_options_match(kernel, monkeypatch, case):
     expand = kernel.functional.expand_launch
     monkeypatch.setattr(kernel.functional, "expand_launch", lambda *a: copies.append(1) or expand(*a))
     base_dw = not (rank or four_bit)  # the copies serve the base weights' dW GEMMs only
-    backward_dw = importlib.import_module(kernel.__name__ + ".grouped_gemm.backward_dw")
-    flat_kernel, flat_launches = backward_dw._grouped_dw_flat_kernel, []
-    monkeypatch.setattr(backward_dw, "_grouped_dw_flat_kernel", _Spy(flat_kernel, flat_launches))
-    for options, sort_first in ((dict(persistent=1), False), (dict(), True), (dict(tma=True), True),
-                                (dict(tma=True, persistent=1, flat=True), True)):  # fmt: skip
+    for options, sort_first in ((dict(persistent=1), False), (dict(), True), (dict(tma=True), True)):
         monkeypatch.setattr(kernel.tuning, "SORT_BEFORE_DW", sort_first)
         monkeypatch.setattr(kernel.functional, "dw_config", lambda *a, o=options, **kw: replace(lookup(*a, **kw), **o))
         copies.clear()
-        flat_launches.clear()
         for i, (a, b) in enumerate(zip(run(), plain)):
             assert torch.equal(a, b), (options, sort_first, i)
         assert len(copies) == (2 if sort_first and base_dw and shape[0] > 0 else 0), options
-        # flat: both base-weight dW GEMMs on sorted rows through the flat kernel (and the LoRA dW
-        # GEMMs whose operands are both in sorted order, where their rows suit TMA)
-        if options.get("flat"):
-            assert len(flat_launches) >= len(copies), options
-        else:
-            assert not flat_launches, options
     # Below SORT_BEFORE_DW_ROWS_PER_EXPERT rows per expert the dW GEMMs gather as before.
     monkeypatch.setattr(kernel.tuning, "SORT_BEFORE_DW_ROWS_PER_EXPERT", 10**6)
     copies.clear()

@@ -210,10 +210,8 @@ def test_weight_gradient(kernel, dtype, gathers, tiles):
     assert torch.all(out[2] == 0)  # the expert without rows: an exact zero
     assert rel_err(out, expected) < TOL[dtype]
     # A persistent grid walking the tiles, one sorted operand through a TMA descriptor (unmasked:
-    # the other operand's masked rows zero the neighbouring experts' rows), the flat kernel (both
-    # operands sorted; else the kernel above): the same bits.
-    for options in (dict(persistent=1), dict(persistent=2), dict(tma=True), dict(tma=True, persistent=1),
-                    dict(tma=True, persistent=1, flat=True), dict(tma=True, persistent=2, flat=True)):  # fmt: skip
+    # the other operand's masked rows zero the neighbouring experts' rows): the same bits.
+    for options in (dict(persistent=1), dict(persistent=2), dict(tma=True), dict(tma=True, persistent=1)):
         walked = torch.full_like(out, float("nan"))
         kernel.functional.grouped_dw_launch(
             a, b, walked, r, replace(cfg, **options), a_gather=r.sorted_token if gathers == "a" else None,
@@ -223,16 +221,13 @@ def test_weight_gradient(kernel, dtype, gathers, tiles):
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-@pytest.mark.parametrize(
-    "options", [dict(), dict(tma=True), dict(tma=True, persistent=1), dict(tma=True, persistent=1, flat=True)]
-)
+@pytest.mark.parametrize("options", [dict(), dict(tma=True), dict(tma=True, persistent=1)])
 @pytest.mark.parametrize("gathers", ["none", "a", "b"])
 def test_weight_gradient_reads_only_its_experts_rows(kernel, gathers, options, device):
     """Rows that belong to no expert (ids outside [0, E) sort past the last expert's and are
     never computed, so they hold whatever the buffer held) and the neighbouring experts' rows
     never reach an expert's gradient, even as NaN and inf: with a TMA descriptor too, which
-    cannot mask its rows, and in the flat kernel, which loads them (expert-parallel sentinels;
-    a non-finite gradient in one expert).
+    cannot mask its rows (expert-parallel sentinels; a non-finite gradient in one expert).
     On CUDA in bf16, where the descriptor is the hardware's."""
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     g = torch.Generator().manual_seed(5)
@@ -296,87 +291,6 @@ def test_weight_gradient_tma_descriptor_choice(kernel, monkeypatch, gathers):
             a_gather=r.sorted_token if gathers == "a" else None, b_gather=r.sorted_token if gathers == "b" else None,
         )  # fmt: skip
     assert seen == [(False, False), (gathers != "a", gathers != "b")]
-
-
-class _LaunchSpy:
-    """Stands in for a kernel: records each launch's grid, then launches it."""
-
-    def __init__(self, kernel):
-        self.kernel, self.grids = kernel, []
-
-    def __getitem__(self, grid):
-        self.grids.append(grid)
-        return self.kernel[grid]
-
-
-_g = torch.Generator().manual_seed(7)
-# name: ((T, K) expert ids, E = 4; id 4: no expert), extra trailing rows of the operands
-FLAT_ROUTINGS = {
-    "random, first and last experts without rows": (torch.randint(1, 3, (23, 2), generator=_g), 0),
-    "rows of no expert, NaN trailing rows": (torch.tensor([0, 3, 4])[torch.randint(0, 3, (19, 2), generator=_g)], 5),
-    "all rows on one expert": (torch.full((37, 1), 2), 3),
-    "one row": (torch.tensor([[3]]), 0),
-    "one row, NaN trailing rows": (torch.tensor([[0]]), 40),
-}
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("case", list(FLAT_ROUTINGS))
-def test_weight_gradient_flat(kernel, monkeypatch, case, dtype):
-    """DwConfig.flat: the persistent programs walk their (tile, row step) pairs in one loop,
-    every step through both descriptors with the rows past the expert's end zeroed. Against
-    float64, and the same bits as the kernel without it on the same tile, on 1 and 2 programs an
-    SM (2 "SMs" here: several tiles a program, several experts); M and N not multiples of the
-    tile, rows per expert not multiples of BLOCK_K, experts without rows. Rows of no expert
-    (ids past E sort after the last expert's) and rows past all of them hold NaN: never read."""
-    backward_dw = importlib.import_module(kernel.__name__ + ".grouped_gemm.backward_dw")
-    spy = _LaunchSpy(backward_dw._grouped_dw_flat_kernel)
-    monkeypatch.setattr(backward_dw, "_grouped_dw_flat_kernel", spy)
-    ids, extra_rows = FLAT_ROUTINGS[case]
-    r = kernel.route(ids, NUM_EXPERTS, 16, True)
-    offsets = r.expert_offsets.long()
-    num_rows, m, n = r.sort_idx.numel(), 24, 40
-    g = torch.Generator().manual_seed(len(ids))
-    a = _rand(num_rows + extra_rows, m, dtype=dtype, g=g)
-    b = _rand(num_rows + extra_rows, n, dtype=dtype, g=g)
-    valid = offsets[-1]
-    expected = torch.zeros(NUM_EXPERTS, m, n, dtype=torch.float64)
-    expected.index_add_(0, _row_experts(r)[:valid], a[:valid].double()[:, :, None] * b[:valid].double()[:, None, :])
-    a[valid:], b[valid:] = float("nan"), float("nan")
-    for persistent in (1, 2):
-        cfg = kernel.tuning.DwConfig(block_m=16, block_n=32, block_k=16, num_warps=4, num_stages=1, tma=True,
-                                     persistent=persistent)  # fmt: skip
-        outs = []
-        for flat in (False, True):
-            outs.append(torch.full((NUM_EXPERTS, m, n), float("nan"), dtype=dtype))
-            kernel.functional.grouped_dw_launch(a, b, outs[-1], r, replace(cfg, flat=flat))
-        assert spy.grids == [(2 * persistent,)]  # 16 tiles on 2 "SMs": the flat kernel ran, once
-        spy.grids.clear()
-        assert torch.isfinite(outs[1]).all()
-        assert torch.equal(outs[1], outs[0]), persistent
-        assert rel_err(outs[1], expected) < TOL[dtype]
-        for e in range(NUM_EXPERTS):
-            if offsets[e] == offsets[e + 1]:
-                assert torch.all(outs[1][e] == 0), e  # an expert without rows: an exact zero
-
-
-def test_weight_gradient_flat_falls_back(kernel, monkeypatch):
-    """flat where an operand has no descriptor (tma off, or the operand gathered): the kernel
-    without it, never the flat one (the same bits)."""
-    backward_dw = importlib.import_module(kernel.__name__ + ".grouped_gemm.backward_dw")
-    spy = _LaunchSpy(backward_dw._grouped_dw_flat_kernel)
-    monkeypatch.setattr(backward_dw, "_grouped_dw_flat_kernel", spy)
-    r = _routing(kernel, 16)
-    a, b = torch.randn(r.sort_idx.numel(), 24), torch.randn(NUM_TOKENS, 40)
-    b_sorted = b[r.sorted_token.long()]
-    cfg = kernel.tuning.DwConfig(block_m=32, block_n=32, block_k=16, num_warps=4, num_stages=1, persistent=1)
-    for options, gathers in ((dict(), {}), (dict(tma=True), dict(b_gather=r.sorted_token))):
-        rows = b if gathers else b_sorted
-        outs = [kernel.functional.grouped_dw_launch(a, rows, torch.empty(NUM_EXPERTS, 24, 40), r,
-                                                    replace(cfg, **options, flat=flat), **gathers)
-                for flat in (False, True)]  # fmt: skip
-        assert torch.equal(outs[1], outs[0]), options
-    assert spy.grids == []
 
 
 DSWIGLU_CASES = {
@@ -524,12 +438,5 @@ def test_config_json_round_trip(kernel):
     assert dw.persistent == 0 and not dw.tma and not {"PERSISTENT", "TMA"} & set(dw.to_json())
     assert tuning.DwConfig.from_json(dict(replace(dw, persistent=2).to_json())).persistent == 2
     assert tuning.DwConfig.from_json(replace(dw, tma=True).to_json()) == replace(dw, tma=True)
-    flat = replace(dw, tma=True, persistent=1, flat=True)
-    assert flat.to_json()["FLAT"] is True and "FLAT" not in replace(flat, flat=False).to_json()
-    assert tuning.DwConfig.from_json(flat.to_json()) == flat and not dw.flat
-    with pytest.raises(ValueError, match="flat"):  # flat needs a persistent grid
-        tuning.DwConfig.from_json(dict(dw.to_json(), TMA=True, FLAT=True))
-    with pytest.raises(ValueError, match="flat"):
-        replace(flat, persistent=0)
     with pytest.raises(ValueError, match="BLOCK_Q"):
         tuning.GemmConfig.from_json(dict(BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3, BLOCK_Q=1))

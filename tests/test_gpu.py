@@ -1,6 +1,5 @@
 """GPU tests (bf16, the Qwen3-30B-A3B block shape). Run on a CUDA machine: make test-gpu."""
 
-import importlib
 from dataclasses import replace
 
 import pytest
@@ -199,13 +198,12 @@ def test_4bit_bf16(kernel, monkeypatch, num_tokens, path):
         assert err < 1e-2, name
 
 
-@pytest.mark.parametrize("option", ["tma_b", "persistent", "dw:tma", "dw:persistent", "dw:flat"])
+@pytest.mark.parametrize("option", ["tma_b", "persistent", "dw:tma", "dw:persistent"])
 def test_gemm_options_bit_equal(kernel, monkeypatch, option):
     """The routed GEMMs give the same bits with a config option on or off: expert weights
     through a TMA descriptor (tma_b), a persistent grid (persistent); so do the weight-gradient
-    GEMMs (dw:): the sorted operand through a TMA descriptor, a persistent grid, the flat kernel
-    (on a persistent grid with TMA either way; at 2048 tokens the dW GEMMs read both operands
-    in sorted order, tuning.sort_before_dw, so it runs); forward and all gradients, 30B-A3B shape."""
+    GEMMs (dw:): the sorted operand through a TMA descriptor, a persistent grid; forward and
+    all gradients, 30B-A3B shape."""
     x, gate_up, down, ids, weights = _inputs(2048, **QWEN3_30B)
     grad_out = torch.randn_like(x)
     dw = option.startswith("dw:")
@@ -218,31 +216,15 @@ def test_gemm_options_bit_equal(kernel, monkeypatch, option):
         def config(kind, *args, **kwargs):
             cfg = lookup(kind, *args, **kwargs)
             if kind in kinds:
-                if field == "flat":  # flat needs a persistent grid, and descriptors for both operands
-                    cfg = replace(cfg, tma=True, persistent=cfg.persistent or 1)
-                elif field == "persistent":  # a shipped flat entry goes without its persistent grid too
-                    cfg = replace(cfg, flat=False)
                 cfg = replace(cfg, **{field: type(getattr(cfg, field))(value)})
             return cfg
 
         return config
 
-    backward_dw = importlib.import_module(kernel.__name__ + ".grouped_gemm.backward_dw")
-    flat_kernel, flat_grids = backward_dw._grouped_dw_flat_kernel, []
-
-    class Spy:  # records the flat kernel's launches
-        def __getitem__(self, grid):
-            flat_grids.append(grid)
-            return flat_kernel[grid]
-
-    monkeypatch.setattr(backward_dw, "_grouped_dw_flat_kernel", Spy())
     results = []
     for value in (0, 1):
         monkeypatch.setattr(kernel.functional, name, forced(value))
         results.append(_grads(kernel.moe_experts_forward, x, gate_up, down, ids, weights, grad_out))
-        # flat on: both dW GEMMs (the 2 operands of each in sorted order) ran the flat kernel
-        assert len(flat_grids) == (2 if option == "dw:flat" and value else 0), (option, value)
-        flat_grids.clear()
     for off, on in zip(*results):
         assert torch.equal(off, on)
 

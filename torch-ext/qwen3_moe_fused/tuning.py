@@ -92,8 +92,6 @@ class DwConfig:
     pairs; 0: one program per tile (same bits either way).
     tma: load the operands read in sorted order through TMA descriptors in the expert's whole
     row steps (CUDA; same bits as without, see backward_dw.py).
-    flat: with tma and both operands read in sorted order, the persistent programs walk their
-    tiles' row steps in one loop, pipelined across tiles (needs persistent; same bits as without).
     """
 
     block_m: int
@@ -103,18 +101,13 @@ class DwConfig:
     num_stages: int
     persistent: int = 0
     tma: bool = False
-    flat: bool = False
-
-    def __post_init__(self):
-        if self.flat and self.persistent <= 0:
-            raise ValueError(f"qwen3_moe_fused: DwConfig flat (FLAT) needs persistent (PERSISTENT) > 0, got {self}")
 
     @classmethod
     def from_json(cls, entry: dict) -> "DwConfig":
         return cls(**_from_json(entry, _DW_KEYS, cls.__name__))
 
     def to_json(self) -> dict:
-        return _to_json(self, _DW_KEYS, dict(persistent=0, tma=False, flat=False))
+        return _to_json(self, _DW_KEYS, dict(persistent=0, tma=False))
 
 
 _GEMM_KEYS = dict(
@@ -123,7 +116,7 @@ _GEMM_KEYS = dict(
 )  # fmt: skip
 _DW_KEYS = dict(
     block_m="BLOCK_M", block_n="BLOCK_N", block_k="BLOCK_K", num_warps="num_warps", num_stages="num_stages",
-    persistent="PERSISTENT", tma="TMA", flat="FLAT",
+    persistent="PERSISTENT", tma="TMA",
 )  # fmt: skip
 
 

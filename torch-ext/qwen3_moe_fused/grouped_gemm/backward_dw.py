@@ -8,14 +8,6 @@ mask rows: it takes the expert's whole BLOCK_K steps, and the partial last step,
 loaded masked as without the option. No row outside the expert is read either way (rows of
 no expert, past the last expert's, are never computed and may hold anything), and the sums
 run in the same order: the same bits as without.
-
-DwConfig.flat (with persistent, and both operands through descriptors; else the kernel above
-runs): _grouped_dw_flat_kernel walks its program's tiles in ONE loop over (tile, row step)
-pairs, so the software pipeline loads the next tile's first rows during the current tile's
-last steps instead of draining at every tile (few rows per expert: few steps a tile). Every
-step, the partial last one too, comes through the descriptors; the rows past the expert's
-end are zeroed with tl.where in both operands before the dot. Same steps, same order, same
-bits as the kernel above with the same tile.
 """
 
 import torch
@@ -99,12 +91,6 @@ def _dw_tile(
             acc = _masked_step(acc, full_end, row_end, a_ptr, b_ptr, a_gather_ptr, b_gather_ptr, offs_m, offs_n,
                                m_mask, n_mask, stride_ar, stride_am, stride_br, stride_bn, IEEE, BLOCK_K)  # fmt: skip
 
-    _store_tile(acc, expert, offs_m, offs_n, m_mask, n_mask, c_ptr, stride_ce, stride_cm, stride_cn)
-
-
-@triton.jit
-def _store_tile(acc, expert, offs_m, offs_n, m_mask, n_mask, c_ptr, stride_ce, stride_cm, stride_cn):
-    """c[expert][offs_m, offs_n] = acc (BLOCK_M, BLOCK_N) in c's dtype, through c's strides, masked on M and N."""
     c_ptrs = c_ptr + expert.to(tl.int64) * stride_ce + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
@@ -148,77 +134,6 @@ def _grouped_dw_kernel(
         _dw_tile(tl.program_id(1), tl.program_id(0), a_ptr, b_ptr, a_desc, b_desc, c_ptr, a_gather_ptr, b_gather_ptr,
                  expert_offsets_ptr, M, N, stride_ar, stride_am, stride_br, stride_bn, stride_ce, stride_cm, stride_cn,
                  IEEE, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
-
-
-@launcher
-@triton.jit
-def _grouped_dw_flat_kernel(
-    a_desc,  # TMA descriptor of A (sorted rows, M) in (BLOCK_K, BLOCK_M) blocks
-    b_desc,  # TMA descriptor of B (sorted rows, N) in (BLOCK_K, BLOCK_N) blocks
-    c_ptr,  # (E, M, N)
-    expert_offsets_ptr,  # (E + 1,) int32
-    num_tiles,  # E * tiles per expert
-    M,
-    N,
-    stride_ce,
-    stride_cm,
-    stride_cn,
-    IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    """Persistent: program p computes tiles p, p + P, ... (P programs; tile = expert * tiles per
-    expert + m-tile * n-tiles + n-tile, as _grouped_dw_kernel's PERSISTENT walk) in one loop over
-    its (tile, row step) pairs, a tile's steps being its expert's BLOCK_K row steps (at least one)."""
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    tiles_per_expert = tl.cdiv(M, BLOCK_M) * tiles_n
-    first = tl.program_id(0)
-    num_programs = tl.num_programs(0)
-
-    # The loop's trip count: the steps of every tile of this program.
-    total_steps = 0
-    for tile in range(first, num_tiles, num_programs):
-        expert = tile // tiles_per_expert
-        rows = tl.load(expert_offsets_ptr + expert + 1) - tl.load(expert_offsets_ptr + expert)
-        total_steps += tl.maximum(tl.cdiv(rows, BLOCK_K), 1)
-
-    # The current tile and its expert's rows [row_start, row_end), step ki of its num_steps.
-    tile = first - num_programs
-    ki = -1
-    num_steps = 0
-    pid_m = 0
-    pid_n = 0
-    expert = 0
-    row_start = 0
-    row_end = 0
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for _ in range(0, total_steps):
-        ki = tl.where(ki == num_steps - 1, 0, ki + 1)
-        if ki == 0:  # the next tile
-            tile += num_programs
-            expert = tile // tiles_per_expert
-            pid_m = tile % tiles_per_expert // tiles_n
-            pid_n = tile % tiles_per_expert % tiles_n
-            row_start = tl.load(expert_offsets_ptr + expert)
-            row_end = tl.load(expert_offsets_ptr + expert + 1)
-            num_steps = tl.maximum(tl.cdiv(row_end - row_start, BLOCK_K), 1)
-
-        # Rows [r0, r0 + BLOCK_K) through the descriptors (TMA zero-fills rows past the tensor),
-        # the rows past the expert's end (another expert's, or no expert's: anything, even NaN)
-        # zeroed in both operands: a select, since 0 * NaN = NaN. A is masked once transposed
-        # (fewer registers on sm_90 than before the transpose; the same values).
-        r0 = row_start + ki * BLOCK_K
-        in_expert = r0 + tl.arange(0, BLOCK_K) < row_end
-        a = tl.where(in_expert[None, :], a_desc.load([r0, pid_m * BLOCK_M]).T, 0.0)  # (BLOCK_M, BLOCK_K)
-        b = tl.where(in_expert[:, None], b_desc.load([r0, pid_n * BLOCK_N]), 0.0)  # (BLOCK_K, BLOCK_N)
-        acc = _dot(a, b, acc, IEEE)
-
-        if ki == num_steps - 1:  # the tile's last step: store it, start the next from zero
-            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            _store_tile(acc, expert, offs_m, offs_n, offs_m < M, offs_n < N, c_ptr, stride_ce, stride_cm, stride_cn)
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
 
 def _rows_descriptor(t: torch.Tensor, block: list[int]):
@@ -268,14 +183,6 @@ def grouped_dw_launch(
     else:
         grid = (tiles_per_expert, num_experts)
     a_desc, b_desc = _descriptors(a, b, config, a_gather, b_gather)
-    if config.flat and a_desc is not None and b_desc is not None:
-        _grouped_dw_flat_kernel[grid](
-            a_desc=a_desc, b_desc=b_desc, c_ptr=out, expert_offsets_ptr=routing.expert_offsets, num_tiles=num_tiles,
-            M=m, N=n, stride_ce=out.stride(0), stride_cm=out.stride(1), stride_cn=out.stride(2),
-            IEEE=a.dtype == torch.float32, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-            num_warps=config.num_warps, num_stages=config.num_stages,
-        )  # fmt: skip
-        return out
     _grouped_dw_kernel[grid](
         a_ptr=a, b_ptr=b, a_desc=a_desc, b_desc=b_desc, c_ptr=out, a_gather_ptr=a_gather, b_gather_ptr=b_gather,
         expert_offsets_ptr=routing.expert_offsets, num_tiles=num_tiles, M=m, N=n,
