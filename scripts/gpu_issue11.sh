@@ -57,8 +57,8 @@ bench=benchmarks/block_side_by_side.py
 # first call per shape (148-216 s of compiling and autotuning on 2026-12-07) compiles nothing that an
 # earlier run compiled. Its autotuning still times every config on this GPU: the results it caches
 # (*.autotune.json, timings of another machine) are left out.
-export QUACK_CACHE_DIR=/tmp/quack_cache
 restore_quack_cache() {
+  export QUACK_CACHE_DIR=/tmp/quack_cache
   mkdir -p "$QUACK_CACHE_DIR"
   if [ -f .anchor/quack_cache.tar.xz ]; then tar -xJf .anchor/quack_cache.tar.xz -C "$QUACK_CACHE_DIR"; fi
 }
@@ -116,14 +116,14 @@ case $step in
     python3 $bench --cases "${CASES:-30b-t16384,235b-t8192}" --impls grouped_mm,ours,sonicmoe \
       --json "$out/block_sonic.json" > "$out/block_sonic.log" 2>&1
     save_quack_cache
-    grep -E "^\| |first call" "$out/block_sonic.log"
+    grep -E "^\| " "$out/block_sonic.log"
     ;;
   sonic-small)
     restore_quack_cache
     python3 $bench --cases 30b-t2048,30b-t64 --impls grouped_mm,ours,sonicmoe --modes full,lora,qlora \
       --lora-cases 30b-t16384,30b-t2048 --json "$out/block_sonic_small.json" > "$out/block_sonic_small.log" 2>&1
     save_quack_cache
-    grep -E "^\| |first call" "$out/block_sonic_small.log"
+    grep -E "^\| " "$out/block_sonic_small.log"
     ;;
   confirm)
     json=torch-ext/qwen3_moe_fused/configs/NVIDIA_H200.json
