@@ -103,21 +103,22 @@ def make_block(case: Case, device, dtype):
     return block, block_cls
 
 
-def layer_calls(kernel, case: Case, device, dtype):
-    """Our layer on a fresh block of case: (fwd, step), its forward and its forward+backward
-    (gradients of the hidden states and every weight for a random output gradient), the calls
-    the host-time scripts time."""
+def layer_calls(kernel, case: Case, device, dtype, mode="full"):
+    """Our layer on a fresh block of case, trained as in mode (trainable_module): (fwd, step),
+    its forward and its forward+backward (gradients of the hidden states and every trainable
+    tensor for a random output gradient), the calls the host-time scripts time."""
     block, block_cls = make_block(case, device, dtype)
+    module = trainable_module(block, kernel, mode)
     x = torch.randn(1, case.tokens, case.hidden, device=device, dtype=dtype, requires_grad=True)
     layer = getattr(kernel.layers, block_cls).forward
     grad_out = torch.randn_like(x)
-    targets = [x, *block.parameters()]
+    targets = [x, *(p for p in module.parameters() if p.requires_grad)]
 
     def fwd():
-        return layer(block, x)
+        return layer(module, x)
 
     def step():
-        return torch.autograd.grad(layer(block, x), targets, grad_out)
+        return torch.autograd.grad(layer(module, x), targets, grad_out)
 
     return fwd, step
 

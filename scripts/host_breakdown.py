@@ -12,7 +12,9 @@ Prints, in microseconds of host time per call (calls issued back to back, GPU no
   * with --profile, a torch.profiler table (CPU time by op and autograd node) of the step with
     the Triton launches stubbed: where the rest of the host time goes.
 
-    python3 scripts/host_breakdown.py [--tokens 2048] [--calls 100] [--profile]
+    python3 scripts/host_breakdown.py [--tokens 2048] [--mode full|lora] [--calls 100] [--profile]
+
+--mode lora: PEFT LoRA r = 16 on both expert tensors, base frozen (block_side_by_side's lora mode).
 """
 
 import argparse
@@ -36,13 +38,14 @@ from bench_launch import host_us  # noqa: E402
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--mode", default="full", choices=("full", "lora"))
     parser.add_argument("--calls", type=int, default=100)
     parser.add_argument("--profile", action="store_true", help="torch.profiler table of the stubbed step")
     args = parser.parse_args()
     kernel = load_kernel()
     launch = importlib.import_module(kernel.__name__ + ".launch")
     case = Case("qwen3_moe", 2048, 768, 128, 8, args.tokens)
-    fwd, step = layer_calls(kernel, case, torch.device("cuda"), torch.bfloat16)
+    fwd, step = layer_calls(kernel, case, torch.device("cuda"), torch.bfloat16, args.mode)
 
     # The same bits through both launch paths.
     results = {}

@@ -19,7 +19,10 @@ tokens, most of a millisecond at 2048 on a 2.6 GHz EPYC), aten ops, kernel launc
 function calls; with --ops, each aten op and the line that issued it. The numbers depend on this
 machine's CPU: compare two versions of the code on one machine.
 
-    python3 scripts/host_cpu.py [--tokens 64,2048] [--hidden 8 --inter 8] [--ops]
+    python3 scripts/host_cpu.py [--tokens 64,2048] [--mode full|lora] [--hidden 8 --inter 8] [--ops]
+
+--mode lora: PEFT `target_parameters` LoRA r = 16 on both expert tensors, base frozen (the
+benchmarks' lora mode), gradients of the hidden states and the LoRA factors.
 """
 
 import argparse
@@ -120,6 +123,7 @@ def _python_calls(fn, calls=50) -> float:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", default="64,2048")
+    parser.add_argument("--mode", default="full", choices=("full", "lora"))
     parser.add_argument("--hidden", type=int, default=8)
     parser.add_argument("--inter", type=int, default=8)
     parser.add_argument("--ops", action="store_true", help="list each aten op of a step and where it came from")
@@ -132,7 +136,7 @@ def main():
     rows = []
     for tokens in map(int, args.tokens.split(",")):
         case = Case("qwen3_moe", args.hidden, args.inter, 128, 8, tokens)
-        fwd, step = layer_calls(kernel, case, device, torch.float32)
+        fwd, step = layer_calls(kernel, case, device, torch.float32, args.mode)
         for name, fn in (("fwd", fwd), ("fwd+bwd", step)):
             fn()
             ops = _Ops(package_dir)
