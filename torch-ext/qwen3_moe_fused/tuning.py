@@ -36,7 +36,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 FUSE_DSWIGLU = False
 # The weight-gradient GEMMs read the token rows (x, dOut) copied into sorted order (expand.py)
 # instead of gathering them one row index per step: both operands then come through TMA
-# descriptors. On the H200 (scripts/dw_sorted.py, benchmarks/RESULTS.md) a copy takes 0.17 ms
+# descriptors. On the H200 (benchmarks/RESULTS.md, 2026-12-02, third session) a copy takes 0.17 ms
 # and the dW GEMMs gain more: the experts' forward+backward 8.26 -> 7.73 ms (30B-A3B, 16384
 # tokens) and 16.35 -> 15.0-15.2 ms (235B-A22B, 8192), the same bits. The copy is transient,
 # one (T*K, H) buffer at a time (+512 MiB of peak memory in that 30B block's backward). Only from
