@@ -9,8 +9,8 @@
 #                                         SonicMoE with grouped_mm and ours in one process, 30B
 #                                         16384 and 235B 8192 (CASES=...: others; its first call per
 #                                         shape autotunes; SonicMoE's compiled kernels come back as
-#                                         $OUT/quack_cache.tar.xz: keep it as .anchor/quack_cache.tar.xz
-#                                         and carry it with part.ab next time)
+#                                         $OUT/quack_cache.tar.xz, its tuning as quack_autotune_<GPU>.tar.xz:
+#                                         keep both in .anchor/ and carry them with part.ab next time)
 #   bash scripts/gpu_issue11.sh sonic-small   the same, then (call after call, the machine still
 #                                         warm) 30B at 2048 and 64 tokens, LoRA (PEFT + each peer)
 #                                         at 16384 and 2048, QLoRA (ours) at 16384
@@ -36,17 +36,25 @@ bench=benchmarks/block_side_by_side.py
 # SonicMoE's compiled CuTe DSL kernels (quack.cache.jit's .o files) outlive the machine: the sonic
 # steps start from .anchor/quack_cache.tar.xz when carried and leave the cache in $OUT, so that its
 # first call per shape (148-216 s of compiling and autotuning on 2026-12-07) compiles nothing that an
-# earlier run compiled. Its autotuning still times every config on this GPU: the results it caches
-# (*.autotune.json, timings of another machine) are left out.
+# earlier run compiled. Its autotuning results (*.autotune.json: the timings of each config, keyed by
+# shapes, not by GPU) come back apart, as quack_autotune_<GPU name>.tar.xz, and are restored only on
+# a GPU of that name: SonicMoE then runs the configs its own tuning chose on that GPU model, without
+# timing them again; on any other GPU it tunes as usual.
+gpu_name() { python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))"; }
 restore_quack_cache() {
   export QUACK_CACHE_DIR=/tmp/quack_cache
   mkdir -p "$QUACK_CACHE_DIR"
   if [ -f .anchor/quack_cache.tar.xz ]; then tar -xJf .anchor/quack_cache.tar.xz -C "$QUACK_CACHE_DIR"; fi
+  local tuned=".anchor/quack_autotune_$(gpu_name).tar.xz"
+  if [ -f "$tuned" ]; then tar -xJf "$tuned" -C "$QUACK_CACHE_DIR" && echo "SonicMoE's tuning restored from $tuned"; fi
 }
 save_quack_cache() {  # at most 16 MiB comes back from $OUT per file
   tar -cJf "$out/quack_cache.tar.xz" --exclude='*.autotune.json' -C "$QUACK_CACHE_DIR" . &&
     [ "$(stat -c %s "$out/quack_cache.tar.xz")" -le $((16 * 1024 * 1024)) ] ||
     { echo "quack cache over 16 MiB: not kept"; rm -f "$out/quack_cache.tar.xz"; }
+  local tuned
+  tuned="$(cd "$out" && pwd)/quack_autotune_$(gpu_name).tar.xz"
+  (cd "$QUACK_CACHE_DIR" && find . -name '*.autotune.json' -print0 | tar -cJf "$tuned" --null -T -)
 }
 case $step in
   tests)
