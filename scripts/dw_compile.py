@@ -5,8 +5,8 @@ the compiler made of each DwConfig, for a kernel change that cannot be timed her
 BUILD: a build/torch-cuda folder made by scripts/build.py (e.g. main's, in a git worktree, and a
 branch's). The installed triton compiles; put the GPU image's triton first on PYTHONPATH (its wheel
 unpacked) to check that version, whose ptxas then reports registers and spills. The stand-in driver
-of scripts/ptx_compare.py reports an sm_90 target and every launch is a compile. Each build's
-descriptors are made as on CUDA (ragged ones where its backward_dw.py uses them). For each tile and
+of scripts/ptx_compare.py reports an sm_90 target and its Build makes every launch a compile, with
+each build's descriptors made as on CUDA (ragged ones where its backward_dw.py uses them). For each tile and
 option (TMA on both operands, one operand gathered, persistent, and the build's flat / warp-specialized
 options where it has them) it prints: wgmma instructions in the PTX, TMA copies, async copies,
 local_loads, dots and loops in the TTGIR, a warp_specialize op, shared memory, ptxas' registers and
@@ -22,32 +22,14 @@ import triton
 from triton.runtime import driver
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bit_compare import load  # noqa: E402
-from ptx_compare import _Sm90Driver, histogram, ptxas_info  # noqa: E402
+from ptx_compare import Build, _Sm90Driver, histogram, ptxas_info  # noqa: E402
 
 TILES = [(128, 128, 32, 4, 4), (128, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3)]
 
 
 def compile_build(path: str, name: str) -> None:
-    pkg = load(path, name)
-    dw = sys.modules[f"{name}.grouped_gemm.backward_dw"]
-    compiled = []
-    for attr in ("_grouped_dw_kernel", "_grouped_dw_flat_kernel"):
-        if not hasattr(dw, attr):
-            continue
-        kernel = getattr(dw, attr)
-        kernel = kernel.fn if type(kernel).__name__ == "Launcher" else kernel
-        run = kernel.run
-        kernel.run = lambda *args, grid, warmup, run=run, **kw: compiled.append(run(*args, grid=grid, warmup=True, **kw))
-    if hasattr(dw, "create_ragged_descriptor"):  # as on CUDA (the builder asks for t.is_cuda)
-        dw._rows_descriptor = lambda t, block: dw.create_ragged_descriptor(t, block)
-    else:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
-        dw._rows_descriptor = lambda t, block: TensorDescriptor(t, list(t.shape), [t.stride(0), 1], block)
-    sys.modules[f"{name}.grouped_gemm.forward"]._num_sms = lambda device: 132
-    dw._num_sms = lambda device: 132
-
+    build = Build(path, name)  # launches become compiles, descriptors made as on CUDA
+    pkg, dw, compiled = build.pkg, build.dw_module, build.compiled
     dt, (rows, experts, m, n) = torch.bfloat16, (4096, 8, 1536, 2048)
     index = torch.zeros(rows, dtype=torch.int32)
     r = pkg.Routing(index, index, torch.zeros(experts + 1, dtype=torch.int32), torch.zeros(16, dtype=torch.int32),

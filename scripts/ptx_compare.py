@@ -58,7 +58,9 @@ class Build:
         self.forward._num_sms = lambda device: 132
         self.forward.nf4_code_table = lambda device: torch.zeros(16)
         self.forward._b_descriptor = self._b_descriptor
-        if hasattr(self.dw_module, "_rows_descriptor"):  # as on CUDA, for CPU tensors
+        if hasattr(self.dw_module, "create_ragged_descriptor"):  # as on CUDA, for CPU tensors
+            self.dw_module._rows_descriptor = lambda t, block: self.dw_module.create_ragged_descriptor(t, block)
+        elif hasattr(self.dw_module, "_rows_descriptor"):
             self.dw_module._rows_descriptor = lambda t, block: TensorDescriptor(t, list(t.shape), [t.stride(0), 1], block)
 
     def _record(self, kernel):
